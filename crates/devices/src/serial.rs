@@ -1,0 +1,220 @@
+//! 16550 UARTs on the legacy COM ports, built on `vm_superio::Serial`.
+//!
+//! The guest's output goes to a `Write` sink; its interrupt leaves through an eventfd that the
+//! VMM registers as a KVM irqfd, so raising it never needs the VMM's attention.
+
+use std::io::{self, Write};
+
+use vm_superio::{Serial, Trigger, serial::NoEvents};
+use vmm_sys_util::eventfd::{EFD_NONBLOCK, EventFd};
+
+use crate::{PioDevice, read_bytewise, write_bytewise};
+
+/// COM1 base port (the console).
+pub const COM1_PORT: u16 = 0x3f8;
+/// COM2 base port.
+pub const COM2_PORT: u16 = 0x2f8;
+/// COM1's ISA interrupt line.
+pub const COM1_IRQ: u32 = 4;
+/// COM2's ISA interrupt line.
+pub const COM2_IRQ: u32 = 3;
+/// A 16550 decodes eight consecutive ports.
+pub const SERIAL_PORT_LEN: u16 = 8;
+
+/// Why a serial port could not be created.
+#[derive(Debug, thiserror::Error)]
+pub enum SerialError {
+    #[error("cannot create the serial port's interrupt eventfd (check the open-files limit): {0}")]
+    InterruptEvent(#[source] io::Error),
+}
+
+/// Raises the UART's interrupt by signalling the irqfd.
+struct IrqTrigger(EventFd);
+
+impl Trigger for IrqTrigger {
+    type E = io::Error;
+
+    fn trigger(&self) -> io::Result<()> {
+        self.0.write(1)
+    }
+}
+
+/// A 16550 UART whose transmitter writes to a host sink.
+pub struct SerialPort {
+    uart: Serial<IrqTrigger, NoEvents, Box<dyn Write + Send>>,
+    /// Set once a failure has been logged: a broken sink would fail on every byte.
+    error_logged: bool,
+}
+
+impl SerialPort {
+    /// A UART in its power-on state, writing what the guest transmits to `out`.
+    pub fn new(out: Box<dyn Write + Send>) -> Result<SerialPort, SerialError> {
+        let evt = EventFd::new(EFD_NONBLOCK).map_err(SerialError::InterruptEvent)?;
+        Ok(SerialPort {
+            uart: Serial::new(IrqTrigger(evt), out),
+            error_logged: false,
+        })
+    }
+
+    /// The eventfd signalled when the UART raises its interrupt; register it as an irqfd.
+    pub fn interrupt_evt(&self) -> &EventFd {
+        &self.uart.interrupt_evt().0
+    }
+
+    fn write_register(&mut self, offset: u16, value: u8) {
+        let Some(reg) = register(offset) else {
+            return;
+        };
+        // The guest cannot be stalled on a full or broken sink: the byte is dropped and the
+        // UART keeps reporting its transmitter empty.
+        if let Err(e) = self.uart.write(reg, value)
+            && !std::mem::replace(&mut self.error_logged, true)
+        {
+            log::warn!("serial port: {e}; dropping output it cannot deliver (logged once)");
+        }
+    }
+}
+
+/// The register an offset selects, if it is one of the UART's eight.
+fn register(offset: u16) -> Option<u8> {
+    u8::try_from(offset)
+        .ok()
+        .filter(|reg| u16::from(*reg) < SERIAL_PORT_LEN)
+}
+
+impl PioDevice for SerialPort {
+    /// Registers are 8 bits wide; a wider access touches consecutive registers, as on ISA.
+    fn read(&mut self, offset: u16, data: &mut [u8]) {
+        read_bytewise(offset, data, |off| match register(off) {
+            Some(reg) => self.uart.read(reg),
+            None => 0xff,
+        });
+    }
+
+    fn write(&mut self, offset: u16, data: &[u8]) {
+        write_bytewise(offset, data, |off, value| self.write_register(off, value));
+    }
+}
+
+#[cfg(test)]
+#[allow(clippy::unwrap_used)]
+mod tests {
+    use std::sync::{Arc, Mutex};
+
+    use super::*;
+
+    const THR: u16 = 0;
+    const IER: u16 = 1;
+    const IIR: u16 = 2;
+    const LSR: u16 = 5;
+    const IER_THR_EMPTY: u8 = 0x02;
+    const LSR_THR_EMPTY: u8 = 0x20;
+    const LSR_IDLE: u8 = 0x40;
+
+    /// A sink the test can look into after handing it to the UART.
+    #[derive(Clone, Default)]
+    struct SharedSink(Arc<Mutex<Vec<u8>>>);
+
+    impl Write for SharedSink {
+        fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
+            self.0.lock().unwrap().extend_from_slice(buf);
+            Ok(buf.len())
+        }
+        fn flush(&mut self) -> io::Result<()> {
+            Ok(())
+        }
+    }
+
+    /// A sink that always fails.
+    struct BrokenSink;
+
+    impl Write for BrokenSink {
+        fn write(&mut self, _: &[u8]) -> io::Result<usize> {
+            Err(io::Error::other("sink closed"))
+        }
+        fn flush(&mut self) -> io::Result<()> {
+            Err(io::Error::other("sink closed"))
+        }
+    }
+
+    fn read_byte(port: &mut SerialPort, offset: u16) -> u8 {
+        let mut data = [0u8];
+        port.read(offset, &mut data);
+        data[0]
+    }
+
+    #[test]
+    fn transmitted_bytes_reach_the_sink() {
+        let sink = SharedSink::default();
+        let mut port = SerialPort::new(Box::new(sink.clone())).unwrap();
+        for byte in b"hello\n" {
+            port.write(THR, &[*byte]);
+        }
+        assert_eq!(sink.0.lock().unwrap().as_slice(), b"hello\n");
+    }
+
+    #[test]
+    fn transmitter_reads_empty() {
+        let mut port = SerialPort::new(Box::new(io::sink())).unwrap();
+        port.write(THR, b"x");
+        let lsr = read_byte(&mut port, LSR);
+        assert_eq!(lsr & (LSR_THR_EMPTY | LSR_IDLE), LSR_THR_EMPTY | LSR_IDLE);
+    }
+
+    #[test]
+    fn thr_empty_interrupt_signals_the_eventfd() {
+        let mut port = SerialPort::new(Box::new(io::sink())).unwrap();
+        port.write(THR, b"a");
+        assert!(
+            port.interrupt_evt().read().is_err(),
+            "no interrupt while IER is clear"
+        );
+
+        port.write(IER, &[IER_THR_EMPTY]);
+        // Enabling it with the transmitter already empty raises it at once; reading IIR acks it.
+        assert_eq!(port.interrupt_evt().read().unwrap(), 1);
+        assert_eq!(read_byte(&mut port, IIR) & 0x0f, 0x02);
+
+        port.write(THR, b"b");
+        assert_eq!(port.interrupt_evt().read().unwrap(), 1);
+    }
+
+    #[test]
+    fn broken_sink_does_not_stop_the_guest() {
+        let mut port = SerialPort::new(Box::new(BrokenSink)).unwrap();
+        port.write(IER, &[IER_THR_EMPTY]);
+        port.interrupt_evt().read().unwrap();
+        read_byte(&mut port, IIR);
+        port.write(THR, b"a");
+        port.write(THR, b"b");
+        assert!(port.error_logged);
+        // The guest still sees its bytes go out.
+        assert_eq!(port.interrupt_evt().read().unwrap(), 1);
+        assert_ne!(read_byte(&mut port, LSR) & LSR_THR_EMPTY, 0);
+    }
+
+    #[test]
+    fn odd_accesses_do_not_panic() {
+        let mut port = SerialPort::new(Box::new(io::sink())).unwrap();
+        for offset in [0, 7, 8, 0xff, 0x100, 0xfffe, 0xffff] {
+            for len in [0, 1, 2, 4] {
+                let mut data = vec![0u8; len];
+                port.read(offset, &mut data);
+                port.write(offset, &data);
+            }
+        }
+        let mut data = [0u8; 2];
+        port.read(8, &mut data);
+        assert_eq!(data, [0xff, 0xff]);
+    }
+
+    #[test]
+    fn wide_access_touches_consecutive_registers() {
+        let mut port = SerialPort::new(Box::new(io::sink())).unwrap();
+        // Bytes land in LCR (3) and MCR (4).
+        port.write(3, &[0x03, 0x0b]);
+        let mut data = [0u8; 2];
+        port.read(3, &mut data);
+        assert_eq!(data, [0x03, 0x0b]);
+    }
+}

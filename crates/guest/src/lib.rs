@@ -1,0 +1,17 @@
+//! The guest side of vhpc: the static `/init` agent and its wire protocol.
+//!
+//! The single `vhpc` binary is copied into the guest initramfs as `/init`; running as pid 1 it
+//! calls [`run_init`], which mounts the basic file systems, loads the kernel modules listed by
+//! the host, runs the command from [`protocol::COMMAND_PATH`], streams its output and exit
+//! status as [`protocol::Frame`]s over [`protocol::AGENT_TTY`], and powers the machine off.
+//! The same agent serves as `/init` of the lab's emulated hosts.
+
+mod init;
+mod kmsg;
+mod modules;
+mod mounts;
+pub mod protocol;
+pub mod relay;
+mod tty;
+
+pub use init::{InitError, run_init};

@@ -1,0 +1,207 @@
+//! Running one emulated host under QEMU TCG.
+
+use std::io::{Read, Write};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::{Duration, Instant};
+
+use vhpc_image::cache::Cache;
+
+use crate::LabError;
+use crate::host_image::build_host_initramfs;
+
+/// One emulated host's shape.
+#[derive(Clone, Debug)]
+pub struct LabHost {
+    pub smp: u32,
+    pub memory_mib: u64,
+    /// Put qemu-system-x86_64 into the host too, to compare against it.
+    pub with_qemu: bool,
+    /// Copy the host's console to stderr as it runs.
+    pub show_console: bool,
+    pub timeout: Duration,
+}
+
+#[derive(Debug, PartialEq, Eq)]
+pub enum LabOutcome {
+    /// The emulated host powered off (its agent reported the command's status on the way).
+    Exited,
+    TimedOut,
+}
+
+const QEMU: &str = "qemu-system-x86_64";
+/// Console on ttyS0; a panic reboots, which -no-reboot turns into QEMU's exit.
+const HOST_CMDLINE: &str = "console=ttyS0 panic=-1 quiet";
+
+/// A scratch directory removed on drop.
+struct WorkDir(PathBuf);
+
+impl WorkDir {
+    fn new() -> Result<Self, LabError> {
+        let base = std::env::temp_dir();
+        let dir = base.join(format!("vhpc-lab-{}-{}", std::process::id(), unique()));
+        std::fs::create_dir_all(&dir)
+            .map_err(LabError::io(format!("cannot create {}", dir.display())))?;
+        Ok(WorkDir(dir))
+    }
+}
+
+impl Drop for WorkDir {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.0);
+    }
+}
+
+fn unique() -> u128 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_nanos())
+}
+
+fn which(tool: &str) -> Option<PathBuf> {
+    std::env::var_os("PATH")?
+        .to_str()?
+        .split(':')
+        .map(|d| Path::new(d).join(tool))
+        .find(|p| p.is_file())
+}
+
+impl LabHost {
+    /// Boots the emulated host, runs `shell_command` in it with /bin/sh, streams the agent
+    /// channel into `agent`, and returns when the host has powered off (or timed out).
+    pub fn run(
+        &self,
+        cache: &Cache,
+        vhpc_binary: &Path,
+        shell_command: &str,
+        agent: &mut dyn Write,
+        progress: &mut dyn FnMut(&str),
+    ) -> Result<LabOutcome, LabError> {
+        if which(QEMU).is_none() {
+            return Err(LabError::MissingTool(QEMU, "qemu-system-x86"));
+        }
+        let work = WorkDir::new()?;
+        let initrd = work.0.join("host.cpio");
+        let argv = vec![
+            "/bin/sh".to_string(),
+            "-c".to_string(),
+            shell_command.to_string(),
+        ];
+        build_host_initramfs(cache, vhpc_binary, self.with_qemu, &argv, &initrd, progress)?;
+        let console_log = work.0.join("console.log");
+        progress(&format!(
+            "booting an emulated host ({} vCPUs, {} MiB)",
+            self.smp, self.memory_mib
+        ));
+        let mut child = self.spawn(&cache.kernel_path(), &initrd, &console_log)?;
+        let outcome = self.supervise(&mut child, agent, &console_log);
+        if outcome == LabOutcome::TimedOut {
+            let _ = std::fs::copy(
+                &console_log,
+                std::env::temp_dir().join("vhpc-lab-console.log"),
+            );
+        }
+        Ok(outcome)
+    }
+
+    fn spawn(&self, kernel: &Path, initrd: &Path, console_log: &Path) -> Result<Child, LabError> {
+        let mut cmd = Command::new(QEMU);
+        cmd.args(["-machine", "q35,accel=tcg", "-cpu", "max"])
+            .args([
+                "-smp",
+                &self.smp.to_string(),
+                "-m",
+                &self.memory_mib.to_string(),
+            ])
+            .args([
+                "-nodefaults",
+                "-no-user-config",
+                "-display",
+                "none",
+                "-no-reboot",
+            ])
+            .arg("-kernel")
+            .arg(kernel)
+            .arg("-initrd")
+            .arg(initrd)
+            .args(["-append", HOST_CMDLINE])
+            .arg("-serial")
+            .arg(format!("file:{}", console_log.display()))
+            .args(["-serial", "stdio"])
+            .stdin(Stdio::null())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::inherit());
+        cmd.spawn().map_err(|e| LabError::Qemu(e.to_string()))
+    }
+
+    /// Relays the agent channel until QEMU exits; kills it at the deadline.
+    fn supervise(
+        &self,
+        child: &mut Child,
+        agent: &mut dyn Write,
+        console_log: &Path,
+    ) -> LabOutcome {
+        let timed_out = Arc::new(AtomicBool::new(false));
+        let done = Arc::new(AtomicBool::new(false));
+        let watchdog = {
+            let (timed_out, done) = (timed_out.clone(), done.clone());
+            let pid = child.id() as libc::pid_t;
+            let deadline = Instant::now() + self.timeout;
+            let console_log = console_log.to_path_buf();
+            let show = self.show_console;
+            std::thread::spawn(move || {
+                let mut shown = 0u64;
+                while !done.load(Ordering::Acquire) {
+                    if show {
+                        shown = copy_new_console(&console_log, shown);
+                    }
+                    if Instant::now() >= deadline {
+                        timed_out.store(true, Ordering::Release);
+                        // SAFETY: plain kill(2) of our own child, which has not been reaped yet
+                        // (the main thread reaps it only after this thread is told to stop).
+                        unsafe { libc::kill(pid, libc::SIGKILL) };
+                        break;
+                    }
+                    std::thread::sleep(Duration::from_millis(100));
+                }
+                if show {
+                    copy_new_console(&console_log, shown);
+                }
+            })
+        };
+        if let Some(mut out) = child.stdout.take() {
+            let mut buf = [0u8; 8192];
+            while let Ok(n) = out.read(&mut buf) {
+                if n == 0 || agent.write_all(&buf[..n]).is_err() {
+                    break;
+                }
+            }
+        }
+        // Stop the watchdog before reaping, so it can never signal a recycled pid.
+        done.store(true, Ordering::Release);
+        let _ = watchdog.join();
+        let _ = child.wait();
+        if timed_out.load(Ordering::Acquire) {
+            LabOutcome::TimedOut
+        } else {
+            LabOutcome::Exited
+        }
+    }
+}
+
+/// Copies console bytes past `from` to stderr; returns the new position.
+fn copy_new_console(path: &Path, from: u64) -> u64 {
+    use std::io::Seek;
+    let Ok(mut f) = std::fs::File::open(path) else {
+        return from;
+    };
+    if f.seek(std::io::SeekFrom::Start(from)).is_err() {
+        return from;
+    }
+    let mut buf = Vec::new();
+    let n = f.read_to_end(&mut buf).unwrap_or(0);
+    let _ = std::io::stderr().write_all(&buf[..n]);
+    from + n as u64
+}

@@ -1,0 +1,104 @@
+//! The command line.
+
+use std::path::PathBuf;
+
+use clap::{Args, Parser, Subcommand};
+
+#[derive(Parser)]
+#[command(name = "vhpc", version, about = "System-level virtualization for HPC")]
+pub struct Cli {
+    #[command(subcommand)]
+    pub command: Command,
+}
+
+#[derive(Subcommand)]
+pub enum Command {
+    /// Boot a fresh VM, run a command in it, print its output and exit with its status.
+    Run(RunArgs),
+    /// Build guest images: the kernel and the initramfs.
+    #[command(subcommand)]
+    Image(ImageCommand),
+    /// The nested-KVM test lab: emulated hosts (QEMU TCG with nested SVM).
+    #[command(subcommand)]
+    Lab(LabCommand),
+}
+
+#[derive(Args)]
+pub struct RunArgs {
+    /// Number of vCPUs.
+    #[arg(long, default_value_t = 1)]
+    pub vcpus: u32,
+    /// Guest memory in MiB.
+    #[arg(long, default_value_t = 512)]
+    pub memory: u64,
+    /// Kernel (bzImage or ELF vmlinux); default: the cached Debian kernel.
+    #[arg(long)]
+    pub kernel: Option<PathBuf>,
+    /// Initramfs; default: the one `vhpc image initramfs` built.
+    #[arg(long)]
+    pub initrd: Option<PathBuf>,
+    /// Kernel command line (replaces the default).
+    #[arg(long)]
+    pub cmdline: Option<String>,
+    /// Also show the guest's boot log (its serial console) on stderr.
+    #[arg(long)]
+    pub console: bool,
+    /// Write the guest's console log to this file.
+    #[arg(long)]
+    pub console_log: Option<PathBuf>,
+    /// Back guest memory with 2 MiB hugepages (reserve them first).
+    #[arg(long)]
+    pub hugepages: bool,
+    /// Fault in all guest memory before the guest starts.
+    #[arg(long)]
+    pub prefault: bool,
+    /// Stop the VM (exit status 124) if it runs longer than this many seconds.
+    #[arg(long)]
+    pub timeout: Option<u64>,
+    /// The command to run in the guest.
+    #[arg(last = true, required = true)]
+    pub command: Vec<String>,
+}
+
+#[derive(Subcommand)]
+pub enum ImageCommand {
+    /// Fetch Debian's cloud kernel (linux-image-cloud-amd64) into the cache.
+    Kernel,
+    /// Build the default guest initramfs (our /init, busybox, virtio modules).
+    Initramfs {
+        /// Output file; default: the cache's initramfs.cpio.
+        #[arg(long)]
+        out: Option<PathBuf>,
+        /// busybox binary to include (a static one).
+        #[arg(long, default_value = "/bin/busybox")]
+        busybox: PathBuf,
+    },
+}
+
+#[derive(Subcommand)]
+pub enum LabCommand {
+    /// Boot an emulated host, run SHELL-COMMAND in it with /bin/sh, relay output and status.
+    Run(LabRunArgs),
+}
+
+#[derive(Args)]
+pub struct LabRunArgs {
+    /// vCPUs of the emulated host.
+    #[arg(long, default_value_t = 2)]
+    pub smp: u32,
+    /// Memory of the emulated host in MiB.
+    #[arg(long, default_value_t = 2048)]
+    pub memory: u64,
+    /// Also put qemu-system-x86_64 into the emulated host (for side-by-side benchmarks).
+    #[arg(long)]
+    pub with_qemu: bool,
+    /// Show the emulated host's console on stderr.
+    #[arg(long)]
+    pub console: bool,
+    /// Stop the emulated host (exit status 124) after this many seconds.
+    #[arg(long, default_value_t = 1800)]
+    pub timeout: u64,
+    /// The shell command to run in the emulated host.
+    #[arg(last = true, required = true)]
+    pub command: Vec<String>,
+}

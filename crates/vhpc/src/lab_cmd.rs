@@ -1,0 +1,48 @@
+//! `vhpc lab ...`: run commands inside emulated hosts with nested KVM.
+
+use std::time::Duration;
+
+use anyhow::Context;
+use vhpc_image::cache::Cache;
+use vhpc_lab::{LabHost, LabOutcome};
+
+use crate::cli::LabCommand;
+use crate::exit_codes;
+use crate::relay::{AgentRelay, AgentReport};
+
+pub fn run(cmd: LabCommand) -> anyhow::Result<i32> {
+    let LabCommand::Run(args) = cmd;
+    let me = std::env::current_exe().context("cannot find the vhpc binary to put into the lab")?;
+    let host = LabHost {
+        smp: args.smp,
+        memory_mib: args.memory,
+        with_qemu: args.with_qemu,
+        show_console: args.console,
+        timeout: Duration::from_secs(args.timeout),
+    };
+    let report = AgentReport::default();
+    let mut relay = AgentRelay::new(report.clone());
+    let shell_command = args.command.join(" ");
+    let outcome = host.run(
+        &Cache::from_env(),
+        &me,
+        &shell_command,
+        &mut relay,
+        &mut |l| eprintln!("vhpc lab: {l}"),
+    )?;
+    Ok(match outcome {
+        LabOutcome::Exited => match report.exit_status() {
+            Some(status) => status,
+            None => {
+                eprintln!(
+                    "vhpc lab: the emulated host stopped without reporting the command's status"
+                );
+                exit_codes::VHPC_ERROR
+            }
+        },
+        LabOutcome::TimedOut => {
+            eprintln!("vhpc lab: the emulated host ran past --timeout and was stopped");
+            exit_codes::TIMED_OUT
+        }
+    })
+}

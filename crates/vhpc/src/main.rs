@@ -1,0 +1,41 @@
+//! `vhpc`: the one binary. On the host it is the command line (`vhpc run|image|lab ...`);
+//! copied into an initramfs and started by the kernel as pid 1, it is the guest's /init agent.
+
+mod cli;
+mod exit_codes;
+mod image_cmd;
+mod lab_cmd;
+mod relay;
+mod run_cmd;
+
+use clap::Parser;
+
+fn main() {
+    if std::process::id() == 1 {
+        vhpc_guest::run_init();
+    }
+    init_logging();
+    let cli = cli::Cli::parse();
+    let status = match cli.command {
+        cli::Command::Run(args) => run_cmd::run(args),
+        cli::Command::Image(cmd) => image_cmd::run(cmd),
+        cli::Command::Lab(cmd) => lab_cmd::run(cmd),
+    };
+    match status {
+        Ok(code) => std::process::exit(code),
+        Err(e) => {
+            eprintln!("vhpc: error: {e:#}");
+            std::process::exit(exit_codes::VHPC_ERROR);
+        }
+    }
+}
+
+fn init_logging() {
+    let filter = tracing_subscriber::EnvFilter::try_from_env("VHPC_LOG")
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("warn"));
+    tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr)
+        .without_time()
+        .init();
+}

@@ -1,0 +1,143 @@
+//! `vhpc run`: boot a fresh VM, run one command in it, exit with the command's status.
+
+use std::io::Write;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use anyhow::{Context, bail};
+use vhpc_api::{MemoryConfig, VmConfig};
+use vhpc_image::cache::Cache;
+use vhpc_vmm::{VmIo, VmOutcome};
+
+use crate::cli::RunArgs;
+use crate::exit_codes;
+use crate::relay::{AgentRelay, AgentReport};
+
+/// Console on COM1, reboot on panic (the VMM then reports the panic), quiet unless the user
+/// watches the console: every console byte is a VM exit.
+pub fn default_cmdline(console: bool) -> String {
+    let mut c = String::from("console=ttyS0 panic=-1 i8042.noaux i8042.nomux i8042.dumbkbd");
+    if !console {
+        c.push_str(" quiet");
+    }
+    c
+}
+
+fn existing(path: PathBuf, what: &str, fix: &str) -> anyhow::Result<PathBuf> {
+    if !path.exists() {
+        bail!("{what} {} does not exist{fix}", path.display());
+    }
+    std::fs::File::open(&path).with_context(|| format!("cannot read {what} {}", path.display()))?;
+    Ok(path)
+}
+
+fn vm_config(args: &RunArgs) -> anyhow::Result<VmConfig> {
+    let cache = Cache::from_env();
+    let kernel = match &args.kernel {
+        Some(k) => existing(k.clone(), "kernel", "")?,
+        None => existing(
+            cache.kernel_path(),
+            "the default kernel",
+            "; fetch it with `vhpc image kernel`",
+        )?,
+    };
+    let initramfs = match &args.initrd {
+        Some(i) => existing(i.clone(), "initramfs", "")?,
+        None => existing(
+            cache.initramfs_path(),
+            "the default initramfs",
+            "; build it with `vhpc image initramfs`",
+        )?,
+    };
+    Ok(VmConfig {
+        vcpus: args.vcpus,
+        memory: MemoryConfig {
+            size_mib: args.memory,
+            hugepages: args.hugepages,
+            prefault: args.prefault,
+        },
+        kernel,
+        initramfs: Some(initramfs),
+        cmdline: args
+            .cmdline
+            .clone()
+            .unwrap_or_else(|| default_cmdline(args.console)),
+    })
+}
+
+fn console_sink(args: &RunArgs) -> anyhow::Result<Box<dyn Write + Send>> {
+    let file = match &args.console_log {
+        Some(p) => Some(
+            std::fs::File::create(p)
+                .with_context(|| format!("cannot create console log {}", p.display()))?,
+        ),
+        None => None,
+    };
+    Ok(match (args.console, file) {
+        (true, Some(f)) => Box::new(Tee(std::io::stderr(), f)),
+        (true, None) => Box::new(std::io::stderr()),
+        (false, Some(f)) => Box::new(f),
+        (false, None) => Box::new(std::io::sink()),
+    })
+}
+
+struct Tee<A, B>(A, B);
+impl<A: Write, B: Write> Write for Tee<A, B> {
+    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+        self.0.write_all(buf)?;
+        self.1.write_all(buf)?;
+        Ok(buf.len())
+    }
+    fn flush(&mut self) -> std::io::Result<()> {
+        self.0.flush()?;
+        self.1.flush()
+    }
+}
+
+pub fn run(args: RunArgs) -> anyhow::Result<i32> {
+    let config = vm_config(&args)?;
+    let report = AgentReport::default();
+    let io = VmIo {
+        console: console_sink(&args)?,
+        agent: Box::new(AgentRelay::new(report.clone())),
+        extra_initramfs: vhpc_image::initramfs::command_archive(&args.command),
+        timeout: args.timeout.map(Duration::from_secs),
+    };
+    let (outcome, log) = vhpc_vmm::run(&config, io)?;
+    Ok(match outcome {
+        VmOutcome::PowerOff | VmOutcome::Reset => report.exit_status().unwrap_or(0),
+        VmOutcome::Panic => {
+            let saved = save_log(&log.contents());
+            eprintln!("vhpc: the guest kernel panicked; console log: {saved}");
+            print_tail(&log.contents(), 30);
+            exit_codes::GUEST_PANIC
+        }
+        VmOutcome::TimedOut => {
+            eprintln!("vhpc: the VM ran past --timeout and was stopped");
+            exit_codes::TIMED_OUT
+        }
+        VmOutcome::Crash(reason) => {
+            let saved = save_log(&log.contents());
+            eprintln!("vhpc: the VM stopped: {reason}; console log: {saved}");
+            exit_codes::VHPC_ERROR
+        }
+    })
+}
+
+/// Keeps the console log of a failed VM in a file, and says where.
+fn save_log(contents: &[u8]) -> String {
+    let path =
+        Path::new(&std::env::temp_dir()).join(format!("vhpc-console-{}.log", std::process::id()));
+    match std::fs::write(&path, contents) {
+        Ok(()) => path.display().to_string(),
+        Err(e) => format!("(could not save it to {}: {e})", path.display()),
+    }
+}
+
+fn print_tail(contents: &[u8], lines: usize) {
+    let text = String::from_utf8_lossy(contents);
+    let all: Vec<&str> = text.lines().collect();
+    for line in &all[all.len().saturating_sub(lines)..] {
+        eprintln!("  | {line}");
+    }
+}

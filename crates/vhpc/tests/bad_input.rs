@@ -1,0 +1,109 @@
+//! Bad input to `vhpc run` gets a one-line clear error and exit status 125, at once: no hang,
+//! no panic. These run on the host directly (no lab): every check fires before a guest runs.
+//! Checks past the argument parsing need /dev/kvm (the limits come from KVM); the test says so
+//! if it is missing.
+
+use std::io::Write;
+use std::path::Path;
+use std::process::Command;
+use std::time::{Duration, Instant};
+
+const VHPC_ERROR: i32 = 125;
+
+fn require_kvm() {
+    assert!(
+        Path::new("/dev/kvm").exists(),
+        "this test needs /dev/kvm (vhpc reads the vCPU limit from KVM); none on this machine"
+    );
+}
+
+fn temp_file(bytes: &[u8]) -> tempfile::NamedTempFile {
+    let mut f = tempfile::NamedTempFile::new().expect("temp file");
+    f.write_all(bytes).expect("write temp file");
+    f
+}
+
+/// Runs `vhpc run ARGS -- true`; returns its status and stderr, checking it ends quickly.
+fn vhpc_run(args: &[&str]) -> (i32, String) {
+    let start = Instant::now();
+    let out = Command::new(env!("CARGO_BIN_EXE_vhpc"))
+        .arg("run")
+        .args(args)
+        .args(["--timeout", "20", "--", "true"])
+        .output()
+        .expect("run vhpc");
+    assert!(
+        start.elapsed() < Duration::from_secs(15),
+        "bad input must fail at once"
+    );
+    let stderr = String::from_utf8_lossy(&out.stderr).into_owned();
+    eprintln!("vhpc run {args:?}: {stderr}");
+    assert!(!stderr.contains("panicked"), "vhpc panicked: {stderr}");
+    (out.status.code().unwrap_or(-1), stderr)
+}
+
+fn assert_one_line_error(args: &[&str], expected: &str) {
+    let (status, stderr) = vhpc_run(args);
+    assert_eq!(status, VHPC_ERROR, "{stderr}");
+    assert_eq!(stderr.trim_end().lines().count(), 1, "one line: {stderr}");
+    assert!(stderr.starts_with("vhpc: error: "), "{stderr}");
+    assert!(
+        stderr.contains(expected),
+        "expected {expected:?} in {stderr:?}"
+    );
+}
+
+#[test]
+fn missing_kernel() {
+    assert_one_line_error(
+        &["--kernel", "/nonexistent/vmlinuz", "--initrd", "/dev/null"],
+        "kernel /nonexistent/vmlinuz does not exist",
+    );
+}
+
+#[test]
+fn missing_initramfs() {
+    let kernel = temp_file(b"x");
+    let k = kernel.path().to_str().expect("utf-8 path");
+    assert_one_line_error(
+        &["--kernel", k, "--initrd", "/nonexistent/initrd"],
+        "initramfs /nonexistent/initrd does not exist",
+    );
+}
+
+#[test]
+fn file_that_is_not_a_kernel() {
+    require_kvm();
+    let kernel = temp_file(b"#!/bin/sh\necho I am a script\n");
+    let k = kernel.path().to_str().expect("utf-8 path");
+    assert_one_line_error(
+        &["--kernel", k, "--initrd", "/dev/null"],
+        "is not a Linux kernel",
+    );
+}
+
+#[test]
+fn vcpu_and_memory_limits() {
+    require_kvm();
+    let kernel = temp_file(b"x");
+    let k = kernel.path().to_str().expect("utf-8 path");
+    let common = ["--kernel", k, "--initrd", "/dev/null"];
+    let with = |extra: &[&'static str]| -> Vec<&str> {
+        common
+            .iter()
+            .copied()
+            .chain(extra.iter().copied())
+            .collect()
+    };
+    assert_one_line_error(&with(&["--vcpus", "0"]), "at least 1 vCPU");
+    assert_one_line_error(&with(&["--vcpus", "100000"]), "allows at most");
+    assert_one_line_error(&with(&["--memory", "0"]), "at least 16 MiB");
+    assert_one_line_error(&with(&["--memory", "100000000"]), "this host has only");
+}
+
+#[test]
+fn malformed_numbers_are_rejected_by_the_parser() {
+    let (status, stderr) = vhpc_run(&["--vcpus", "two"]);
+    assert_ne!(status, 0);
+    assert!(stderr.contains("invalid value 'two'"), "{stderr}");
+}

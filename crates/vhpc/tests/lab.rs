@@ -1,0 +1,145 @@
+//! Lab tests: the stock Debian cloud kernel booted by our VMM inside an emulated host (QEMU
+//! TCG with nested SVM, `vhpc lab run`). They need qemu-system-x86, busybox-static and the
+//! cached guest kernel and initramfs (`bash scripts/setup.sh` installs them all), and take
+//! minutes, so they are `#[ignore]`d in plain `cargo test`; `scripts/test.sh` runs them with
+//! `--ignored`. A missing prerequisite fails the test with the fix, never skips it silently.
+
+use std::process::Command;
+
+struct Run {
+    status: i32,
+    stdout: String,
+    stderr: String,
+}
+
+fn vhpc() -> String {
+    std::env::var("VHPC_BIN").unwrap_or_else(|_| env!("CARGO_BIN_EXE_vhpc").to_string())
+}
+
+/// Runs `script` with /bin/sh inside a fresh emulated host.
+fn lab(smp: u32, script: &str) -> Run {
+    let out = Command::new(vhpc())
+        .args([
+            "lab",
+            "run",
+            "--smp",
+            &smp.to_string(),
+            "--timeout",
+            "900",
+            "--",
+        ])
+        .arg(script)
+        .output()
+        .expect("run vhpc lab");
+    let run = Run {
+        status: out.status.code().unwrap_or(-1),
+        stdout: String::from_utf8_lossy(&out.stdout).into_owned(),
+        stderr: String::from_utf8_lossy(&out.stderr).into_owned(),
+    };
+    eprintln!(
+        "--- lab script: {script}\n--- status {}\n--- stdout:\n{}\n--- stderr:\n{}",
+        run.status, run.stdout, run.stderr
+    );
+    run
+}
+
+/// The value printed as `key=value` on its own line.
+fn field<'a>(run: &'a Run, key: &str) -> &'a str {
+    let prefix = format!("{key}=");
+    run.stdout
+        .lines()
+        .find_map(|l| l.strip_prefix(prefix.as_str()))
+        .unwrap_or_else(|| panic!("no {key}= line in the output:\n{}", run.stdout))
+}
+
+fn mem_total_mib(run: &Run) -> u64 {
+    let kib: u64 = field(run, "memtotal").parse().expect("MemTotal in kB");
+    kib / 1024
+}
+
+const GUEST_FACTS: &str = "echo cpus=$(nproc); \
+     echo online=$(cat /sys/devices/system/cpu/online); \
+     echo memtotal=$(awk '/MemTotal/ {print $2}' /proc/meminfo)";
+
+#[test]
+#[ignore = "lab test: boots emulated hosts; run by scripts/test.sh"]
+fn boots_with_one_vcpu_and_sees_its_memory() {
+    let run = lab(
+        2,
+        &format!("vhpc run --vcpus 1 --memory 512 -- sh -c \"{GUEST_FACTS}\""),
+    );
+    assert_eq!(run.status, 0);
+    assert_eq!(field(&run, "cpus"), "1");
+    let mib = mem_total_mib(&run);
+    // 512 MiB less the kernel's own reservations (its image, page structures).
+    assert!((400..=512).contains(&mib), "MemTotal {mib} MiB");
+}
+
+#[test]
+#[ignore = "lab test: boots emulated hosts; run by scripts/test.sh"]
+fn boots_with_two_vcpus_and_sees_both() {
+    let run = lab(
+        2,
+        &format!("vhpc run --vcpus 2 --memory 768 -- sh -c \"{GUEST_FACTS}\""),
+    );
+    assert_eq!(run.status, 0);
+    assert_eq!(field(&run, "cpus"), "2");
+    assert_eq!(field(&run, "online"), "0-1");
+    let mib = mem_total_mib(&run);
+    assert!((640..=768).contains(&mib), "MemTotal {mib} MiB");
+}
+
+#[test]
+#[ignore = "lab test: boots emulated hosts; run by scripts/test.sh"]
+fn exit_status_power_off_reboot_and_panic() {
+    let run = lab(
+        2,
+        "vhpc run -- sh -c 'echo out; echo err >&2; exit 7'; echo status7=$?; \
+         vhpc run -- poweroff -f; echo poweroff=$?; \
+         vhpc run -- reboot -f; echo reboot=$?; \
+         vhpc run -- sh -c 'echo c > /proc/sysrq-trigger'; echo panic=$?",
+    );
+    assert_eq!(run.status, 0);
+    assert!(
+        run.stdout.lines().any(|l| l == "out"),
+        "command stdout relayed"
+    );
+    assert!(
+        run.stderr.lines().any(|l| l == "err"),
+        "command stderr relayed"
+    );
+    assert_eq!(field(&run, "status7"), "7");
+    assert_eq!(field(&run, "poweroff"), "0");
+    assert_eq!(field(&run, "reboot"), "0");
+    assert_eq!(field(&run, "panic"), "123");
+    assert!(
+        run.stderr
+            .contains("the guest kernel panicked; console log: /tmp/vhpc-console-"),
+        "the panic names the kept log"
+    );
+    assert!(
+        run.stderr.contains("Kernel panic - not syncing"),
+        "log tail shown"
+    );
+}
+
+#[test]
+#[ignore = "lab test: boots emulated hosts; run by scripts/test.sh"]
+fn twenty_boots_in_a_row() {
+    let run = lab(
+        2,
+        "ok=0; for i in $(seq 20); do \
+           out=$(vhpc run --timeout 120 -- echo boot$i) && [ \"$out\" = boot$i ] && ok=$((ok+1)); \
+         done; echo ok=$ok",
+    );
+    assert_eq!(run.status, 0);
+    assert_eq!(field(&run, "ok"), "20");
+}
+
+#[test]
+#[ignore = "lab test: boots emulated hosts; run by scripts/test.sh"]
+fn lab_relays_status_of_the_host_command() {
+    let run = lab(1, "echo in-host; exit 3");
+    assert_eq!(run.status, 3);
+    assert!(run.stdout.contains("in-host"));
+}

@@ -1,0 +1,32 @@
+//! Why a VM stops: the events vCPU threads, devices and the console report to the VMM's
+//! main loop, which turns the first of them into the VM's outcome.
+
+use std::sync::mpsc::Sender;
+
+use vhpc_devices::{PowerEvent, PowerEventHandler};
+
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum VmEvent {
+    /// The guest powered the machine off (ACPI S5).
+    PowerOff,
+    /// The guest rebooted (ACPI reset register, i8042 reset, or a triple fault).
+    Reset,
+    /// The guest kernel panicked (seen on its console).
+    Panic,
+    /// KVM could not run the guest any further.
+    Crash { vcpu: u32, reason: String },
+}
+
+/// Forwards device power events into the VM's event channel.
+pub struct PowerEvents(pub Sender<VmEvent>);
+
+impl PowerEventHandler for PowerEvents {
+    fn power_event(&self, event: PowerEvent) {
+        let event = match event {
+            PowerEvent::PowerOff => VmEvent::PowerOff,
+            PowerEvent::Reset => VmEvent::Reset,
+        };
+        // The main loop may already be gone after an earlier event; nothing to do then.
+        let _ = self.0.send(event);
+    }
+}

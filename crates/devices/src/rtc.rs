@@ -14,6 +14,8 @@ use crate::{PioDevice, read_bytewise, write_bytewise};
 pub const RTC_PORT: u16 = 0x70;
 /// Ports 0x70 (index) and 0x71 (data).
 pub const RTC_LEN: u16 = 2;
+/// The ISA IRQ of the RTC (its interrupts are not emulated, but the driver requests the line).
+pub const RTC_IRQ: u32 = 8;
 
 const INDEX: u16 = 0;
 const DATA: u16 = 1;

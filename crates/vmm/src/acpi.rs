@@ -16,6 +16,8 @@ use acpi_tables::sdt::Sdt;
 use acpi_tables::xsdt::XSDT;
 use acpi_tables::{Aml, aml};
 use vhpc_devices::acpi_pm;
+use vhpc_devices::rtc::{RTC_IRQ, RTC_PORT};
+use vhpc_devices::serial::{COM1_IRQ, COM1_PORT, COM2_IRQ, COM2_PORT};
 
 const OEM_ID: [u8; 6] = *b"VHPC  ";
 const OEM_TABLE_ID: [u8; 8] = *b"VHPCVMM ";
@@ -66,12 +68,43 @@ fn to_bytes(table: &dyn Aml) -> Vec<u8> {
     bytes
 }
 
+/// A legacy ISA device in `\_SB_`: PNP ID, I/O ports and one edge-triggered IRQ. Declaring
+/// them is what makes the kernel map their IRQs on a hardware-reduced platform (it sets up no
+/// legacy ISA IRQs by itself), so the 8250 and rtc_cmos drivers can request them.
+fn isa_device(path: &str, pnp_id: &str, uid: u8, port: u16, len: u8, irq: u32) -> Vec<u8> {
+    let io = aml::IO::new(port, port, 1, len);
+    let irq = aml::Interrupt::new(true, true, false, false, irq);
+    let crs = aml::ResourceTemplate::new(vec![&io, &irq]);
+    let hid = aml::EISAName::new(pnp_id);
+    let hid = aml::Name::new("_HID".into(), &hid);
+    let uid = aml::Name::new("_UID".into(), &uid);
+    let crs = aml::Name::new("_CRS".into(), &crs);
+    to_bytes(&aml::Device::new(path.into(), vec![&hid, &uid, &crs]))
+}
+
 fn dsdt() -> Vec<u8> {
     // _S5_: {SLP_TYPa, SLP_TYPb, reserved, reserved}; the kernel writes SLP_TYPa.
     let s5_type = acpi_pm::S5_SLEEP_TYPE;
     let s5 = aml::Package::new(vec![&s5_type, &s5_type, &aml::ZERO, &aml::ZERO]);
     let mut body = Vec::new();
     aml::Name::new("_S5_".into(), &s5).to_aml_bytes(&mut body);
+    body.extend(isa_device(
+        "_SB_.COM1",
+        "PNP0501",
+        0,
+        COM1_PORT,
+        8,
+        COM1_IRQ,
+    ));
+    body.extend(isa_device(
+        "_SB_.COM2",
+        "PNP0501",
+        1,
+        COM2_PORT,
+        8,
+        COM2_IRQ,
+    ));
+    body.extend(isa_device("_SB_.RTC_", "PNP0B00", 0, RTC_PORT, 2, RTC_IRQ));
     let header_len = 36;
     let mut sdt = Sdt::new(
         *b"DSDT",
@@ -256,6 +289,7 @@ mod tests {
         }
         assert_eq!(apic_ids, [(0, 0, 1), (1, 1, 1), (2, 2, 1), (3, 3, 1)]);
         assert_eq!(ioapics, [(4, 0xfec0_0000)]);
+        assert_eq!(off, madt.len(), "entries fill the table exactly");
     }
 
     #[test]
@@ -274,6 +308,34 @@ mod tests {
         assert_eq!(body[at + 4], 0x12);
         assert_eq!(body[at + 6], 4);
         assert_eq!(&body[at + 7..at + 9], &[0x0a, acpi_pm::S5_SLEEP_TYPE]);
+    }
+
+    #[test]
+    fn dsdt_declares_the_isa_devices_with_their_irqs() {
+        let t = build(&config(1), BASE).unwrap();
+        let xsdt = table(&t, u64_at(&t.bytes, 24));
+        let fadt = table(&t, u64_at(xsdt, 36));
+        let body = &table(&t, u64_at(fadt, 140))[36..];
+        for (name, port, irq) in [
+            (b"COM1", 0x3f8u16, 4u8),
+            (b"COM2", 0x2f8, 3),
+            (b"RTC_", 0x70, 8),
+        ] {
+            let at = body.windows(4).position(|w| w == name).expect("device");
+            let rest = &body[at..];
+            // IO descriptor (0x47, decode16, min, max) and an extended IRQ descriptor (0x89).
+            let io = [
+                0x47,
+                1,
+                port as u8,
+                (port >> 8) as u8,
+                port as u8,
+                (port >> 8) as u8,
+            ];
+            assert!(rest.windows(6).any(|w| w == io), "{name:?} ports");
+            let ext_irq = [0x89, 6, 0, 0x03, 1, irq, 0, 0, 0];
+            assert!(rest.windows(9).any(|w| w == ext_irq), "{name:?} irq");
+        }
     }
 
     #[test]

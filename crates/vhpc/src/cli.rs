@@ -21,6 +21,9 @@ pub enum Command {
     /// The nested-KVM test lab: emulated hosts (QEMU TCG with nested SVM).
     #[command(subcommand)]
     Lab(LabCommand),
+    /// Benchmarks: vhpc side by side with QEMU on the same guest.
+    #[command(subcommand)]
+    Bench(BenchCommand),
 }
 
 #[derive(Args)]
@@ -101,4 +104,21 @@ pub struct LabRunArgs {
     /// The shell command to run in the emulated host.
     #[arg(last = true, required = true)]
     pub command: Vec<String>,
+}
+
+#[derive(Subcommand)]
+pub enum BenchCommand {
+    /// Boot-to-/init time and memory of `vhpc run` vs QEMU microvm and q35, same kernel and
+    /// initramfs (run it in the lab: `vhpc lab run --with-qemu -- vhpc bench boot`).
+    Boot(BenchBootArgs),
+}
+
+#[derive(Args)]
+pub struct BenchBootArgs {
+    /// Measured boots per VMM (after one warm-up round).
+    #[arg(long, default_value_t = 10)]
+    pub runs: u32,
+    /// Guest memory in MiB.
+    #[arg(long, default_value_t = 512)]
+    pub memory: u64,
 }

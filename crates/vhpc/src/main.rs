@@ -1,6 +1,7 @@
 //! `vhpc`: the one binary. On the host it is the command line (`vhpc run|image|lab ...`);
 //! copied into an initramfs and started by the kernel as pid 1, it is the guest's /init agent.
 
+mod bench_boot;
 mod cli;
 mod exit_codes;
 mod image_cmd;
@@ -20,6 +21,7 @@ fn main() {
         cli::Command::Run(args) => run_cmd::run(args),
         cli::Command::Image(cmd) => image_cmd::run(cmd),
         cli::Command::Lab(cmd) => lab_cmd::run(cmd),
+        cli::Command::Bench(cli::BenchCommand::Boot(args)) => bench_boot::run(args),
     };
     match status {
         Ok(code) => std::process::exit(code),

@@ -1,0 +1,301 @@
+//! `vhpc bench boot`: boot-to-/init time and memory of `vhpc run` against QEMU (microvm and
+//! q35) booting the same kernel, initramfs and command line, interleaved, on this host's KVM.
+//!
+//! Meant to run inside an emulated host (`vhpc lab run --with-qemu -- vhpc bench boot`), where
+//! only the ratios mean anything: the emulator slows everything down alike.
+
+use std::io::{BufRead, BufReader, Read};
+use std::path::{Path, PathBuf};
+use std::process::{Command, Stdio};
+use std::sync::mpsc;
+use std::time::{Duration, Instant};
+
+use anyhow::{Context, bail};
+use vhpc_image::cache::Cache;
+
+use crate::cli::BenchBootArgs;
+use crate::run_cmd::default_cmdline;
+
+/// The kernel's line when it starts the initramfs' /init: the end of "boot" for every VMM.
+const INIT_LINE: &str = "Run /init as init process";
+const QEMU: &str = "qemu-system-x86_64";
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Contender {
+    Vhpc,
+    QemuMicrovm,
+    QemuMicrovmRtc,
+    QemuQ35,
+}
+
+impl Contender {
+    const ALL: [Contender; 4] = [
+        Contender::Vhpc,
+        Contender::QemuMicrovm,
+        Contender::QemuMicrovmRtc,
+        Contender::QemuQ35,
+    ];
+
+    fn name(self) -> &'static str {
+        match self {
+            Contender::Vhpc => "vhpc run",
+            Contender::QemuMicrovm => "qemu -M microvm",
+            Contender::QemuMicrovmRtc => "qemu -M microvm,rtc=on",
+            Contender::QemuQ35 => "qemu -M q35",
+        }
+    }
+}
+
+/// What the benchmark boots, identical for every contender.
+struct Guest {
+    kernel: PathBuf,
+    /// The default initramfs with the command archive (`true`) appended.
+    initramfs: PathBuf,
+    cmdline: String,
+    memory_mib: u64,
+}
+
+/// One boot's measurements.
+#[derive(Clone, Copy, Debug)]
+struct Sample {
+    to_init: Duration,
+    /// RSS of everything but guest RAM, sampled when /init starts.
+    vmm_rss_kib: u64,
+    /// Peak RSS of the process (guest pages it touched included), from wait4.
+    peak_rss_kib: u64,
+}
+
+fn command(c: Contender, g: &Guest, vhpc: &Path) -> Command {
+    if c == Contender::Vhpc {
+        let mut cmd = Command::new(vhpc);
+        cmd.args(["run", "--console", "--timeout", "300", "--memory"])
+            .arg(g.memory_mib.to_string())
+            .arg("--initrd")
+            .arg(&g.initramfs)
+            .args(["--cmdline", &g.cmdline, "--", "true"])
+            // The console goes to stderr: make it the pipe we read.
+            .stdout(Stdio::null())
+            .stderr(Stdio::piped());
+        // Our own archive is appended too; the kernel takes the last /vhpc/argv, the same one.
+        return cmd;
+    }
+    let machine = match c {
+        Contender::QemuMicrovm => "microvm",
+        Contender::QemuMicrovmRtc => "microvm,rtc=on",
+        _ => "q35",
+    };
+    let mut cmd = Command::new(QEMU);
+    cmd.args([
+        "-accel", "kvm", "-cpu", "host", "-M", machine, "-smp", "1", "-m",
+    ])
+    .arg(g.memory_mib.to_string())
+    .args([
+        "-nodefaults",
+        "-no-user-config",
+        "-display",
+        "none",
+        "-no-reboot",
+    ])
+    .arg("-kernel")
+    .arg(&g.kernel)
+    .arg("-initrd")
+    .arg(&g.initramfs)
+    .args(["-append", &g.cmdline, "-serial", "stdio", "-serial", "null"])
+    .stdin(Stdio::null())
+    .stdout(Stdio::piped())
+    .stderr(Stdio::null());
+    cmd
+}
+
+/// Sum of Rss over every mapping smaller than guest RAM: the VMM's own memory.
+fn vmm_rss_kib(pid: u32, guest_mib: u64) -> u64 {
+    let Ok(smaps) = std::fs::read_to_string(format!("/proc/{pid}/smaps")) else {
+        return 0;
+    };
+    let guest_kib = guest_mib * 1024;
+    let (mut total, mut mapping_kib) = (0, 0);
+    for line in smaps.lines() {
+        let mut words = line.split_whitespace();
+        match (words.next(), words.next()) {
+            (Some("Size:"), Some(v)) => mapping_kib = v.parse().unwrap_or(0),
+            (Some("Rss:"), Some(v)) if mapping_kib < guest_kib => {
+                total += v.parse::<u64>().unwrap_or(0)
+            }
+            _ => {}
+        }
+    }
+    total
+}
+
+/// Waits for `pid` and returns its peak RSS in KiB (wait4's ru_maxrss).
+fn reap_peak_rss(pid: u32) -> anyhow::Result<u64> {
+    let mut status = 0;
+    // SAFETY: all-zero is a valid rusage; wait4 fills it in.
+    let mut usage: libc::rusage = unsafe { std::mem::zeroed() };
+    // SAFETY: waits for our own unreaped child; both out-pointers are valid for the call.
+    let r = unsafe { libc::wait4(pid as libc::pid_t, &mut status, 0, &mut usage) };
+    if r < 0 {
+        bail!("wait4 failed: {}", std::io::Error::last_os_error());
+    }
+    Ok(usage.ru_maxrss as u64)
+}
+
+fn boot_once(c: Contender, g: &Guest, vhpc: &Path) -> anyhow::Result<Sample> {
+    let start = Instant::now();
+    let mut child = command(c, g, vhpc)
+        .spawn()
+        .with_context(|| format!("cannot start {}", c.name()))?;
+    let pid = child.id();
+    let console: Box<dyn Read + Send> = match (child.stdout.take(), child.stderr.take()) {
+        (Some(out), _) => Box::new(out),
+        (None, Some(err)) => Box::new(err),
+        (None, None) => bail!("no console pipe"),
+    };
+    let (tx, rx) = mpsc::channel();
+    let guest_mib = g.memory_mib;
+    let reader = std::thread::spawn(move || {
+        let mut seen = false;
+        for line in BufReader::new(console).lines() {
+            let Ok(line) = line else { break };
+            if !seen && line.contains(INIT_LINE) {
+                seen = true;
+                let _ = tx.send((start.elapsed(), vmm_rss_kib(pid, guest_mib)));
+            }
+        }
+    });
+    let seen = rx.recv_timeout(Duration::from_secs(300));
+    if seen.is_err() {
+        // SAFETY: kill(2) of our own child, not yet reaped.
+        unsafe { libc::kill(pid as libc::pid_t, libc::SIGKILL) };
+    }
+    let peak_rss_kib = reap_peak_rss(pid)?;
+    let _ = reader.join();
+    drop(child); // reaped by wait4 above; dropping a Child does not wait
+    let (to_init, vmm_rss_kib) =
+        seen.map_err(|_| anyhow::anyhow!("{} never reached /init", c.name()))?;
+    Ok(Sample {
+        to_init,
+        vmm_rss_kib,
+        peak_rss_kib,
+    })
+}
+
+fn median(mut v: Vec<f64>) -> f64 {
+    v.sort_by(f64::total_cmp);
+    let n = v.len();
+    if n == 0 {
+        return f64::NAN;
+    }
+    if n % 2 == 1 {
+        v[n / 2]
+    } else {
+        (v[n / 2 - 1] + v[n / 2]) / 2.0
+    }
+}
+
+fn prepare_guest(args: &BenchBootArgs, dir: &Path) -> anyhow::Result<Guest> {
+    let cache = Cache::from_env();
+    let mut initramfs = std::fs::read(cache.initramfs_path()).with_context(|| {
+        format!(
+            "cannot read {}; run `vhpc image initramfs`",
+            cache.initramfs_path().display()
+        )
+    })?;
+    initramfs.resize(initramfs.len().next_multiple_of(4), 0);
+    initramfs.extend(vhpc_image::initramfs::command_archive(
+        &["true".to_string()],
+    ));
+    let path = dir.join("bench-initramfs.cpio");
+    std::fs::write(&path, &initramfs)
+        .with_context(|| format!("cannot write {}", path.display()))?;
+    Ok(Guest {
+        kernel: cache.kernel_path(),
+        initramfs: path,
+        cmdline: default_cmdline(true),
+        memory_mib: args.memory,
+    })
+}
+
+pub fn run(args: BenchBootArgs) -> anyhow::Result<i32> {
+    if !Path::new("/usr/bin").join(QEMU).exists() {
+        bail!("{QEMU} not found: run this inside `vhpc lab run --with-qemu -- vhpc bench boot`");
+    }
+    let vhpc = std::env::current_exe().context("cannot find the vhpc binary")?;
+    let dir = std::env::temp_dir();
+    let guest = prepare_guest(&args, &dir)?;
+    let mut samples: Vec<(Contender, Sample)> = Vec::new();
+    // Round 0 warms caches up and is discarded; the contenders take turns in every round.
+    for round in 0..=args.runs {
+        for c in Contender::ALL {
+            let s = boot_once(c, &guest, &vhpc)?;
+            eprintln!(
+                "vhpc bench: round {round}/{}: {:<24} /init after {:>7.1} ms, VMM RSS {:>6} KiB, peak RSS {:>7} KiB",
+                args.runs,
+                c.name(),
+                s.to_init.as_secs_f64() * 1e3,
+                s.vmm_rss_kib,
+                s.peak_rss_kib
+            );
+            if round > 0 {
+                samples.push((c, s));
+            }
+        }
+    }
+    let _ = std::fs::remove_file(&guest.initramfs);
+    print_table(&samples, args.runs);
+    Ok(0)
+}
+
+fn print_table(samples: &[(Contender, Sample)], runs: u32) {
+    let of = |c: Contender, f: fn(&Sample) -> f64| {
+        median(
+            samples
+                .iter()
+                .filter(|(k, _)| *k == c)
+                .map(|(_, s)| f(s))
+                .collect(),
+        )
+    };
+    let to_init = |s: &Sample| s.to_init.as_secs_f64() * 1e3;
+    let vmm_rss = |s: &Sample| s.vmm_rss_kib as f64 / 1024.0;
+    let peak = |s: &Sample| s.peak_rss_kib as f64 / 1024.0;
+    let (q35_t, q35_m) = (
+        of(Contender::QemuQ35, to_init),
+        of(Contender::QemuQ35, vmm_rss),
+    );
+    println!("medians of {runs} interleaved boots (after one warm-up round)\n");
+    println!(
+        "| VMM | start → /init (ms) | vs q35 | VMM-only RSS at /init (MiB) | vs q35 | peak RSS incl. guest (MiB) |"
+    );
+    println!("|---|---|---|---|---|---|");
+    for c in Contender::ALL {
+        let (t, m, p) = (of(c, to_init), of(c, vmm_rss), of(c, peak));
+        println!(
+            "| {} | {t:.0} | {:.2}× | {m:.1} | {:.2}× | {p:.0} |",
+            c.name(),
+            t / q35_t,
+            m / q35_m
+        );
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn median_of_odd_and_even_counts() {
+        assert_eq!(median(vec![3.0, 1.0, 2.0]), 2.0);
+        assert_eq!(median(vec![4.0, 1.0, 3.0, 2.0]), 2.5);
+        assert!(median(vec![]).is_nan());
+    }
+
+    #[test]
+    fn vmm_rss_of_this_process_excludes_nothing_small() {
+        // This test process has no mapping as large as 1 TiB: everything counts.
+        let rss = vmm_rss_kib(std::process::id(), 1 << 20);
+        assert!(rss > 100, "own RSS {rss} KiB");
+        // With a 1 MiB "guest", mappings of 1 MiB and more are left out.
+        assert!(vmm_rss_kib(std::process::id(), 1) <= rss);
+    }
+}

@@ -5,6 +5,7 @@
 //! - [`i8042`] the keyboard controller, kept for the reset command and a fast, clean probe;
 //! - [`rtc`] the CMOS real-time clock (without it Linux spends seconds probing);
 //! - [`acpi_pm`] the ACPI hardware-reduced sleep and reset registers (power-off, reboot);
+//! - [`debug_exit`] the debug-exit port test guests end the VM through, with a status;
 //! - [`bus`] the port-I/O bus the vCPU threads dispatch `KVM_EXIT_IO` to.
 //!
 //! Nothing here talks to KVM: interrupts leave as eventfds (the VMM registers them as irqfds)
@@ -16,6 +17,7 @@
 
 pub mod acpi_pm;
 pub mod bus;
+pub mod debug_exit;
 pub mod i8042;
 pub mod rtc;
 pub mod serial;
@@ -35,6 +37,8 @@ pub enum PowerEvent {
     PowerOff,
     /// The guest asked for a reset (i8042 command 0xFE or the ACPI reset register).
     Reset,
+    /// The guest asked to stop with an exit status (the debug-exit port).
+    Exit { status: u8 },
 }
 
 /// Receives the guest's power requests; called from a vCPU thread while the device is locked,

@@ -7,6 +7,7 @@ use std::time::Duration;
 use anyhow::{Context, bail};
 use vhpc_api::{MemoryConfig, VmConfig};
 use vhpc_image::cache::Cache;
+use vhpc_vmm::boot::GuestKind;
 use vhpc_vmm::{VmIo, VmOutcome};
 
 use crate::cli::RunArgs;
@@ -31,6 +32,15 @@ fn existing(path: PathBuf, what: &str, fix: &str) -> anyhow::Result<PathBuf> {
     Ok(path)
 }
 
+/// Whether `kernel` is a freestanding guest (an ELF that is not Linux, such as vhpc's test
+/// guest): it runs no /init, so it needs no initramfs and gets no command archive.
+fn is_freestanding(kernel: &Path) -> bool {
+    matches!(
+        vhpc_vmm::boot::guest_kind::classify(kernel),
+        Ok(Some(GuestKind::Freestanding { .. }))
+    )
+}
+
 fn vm_config(args: &RunArgs) -> anyhow::Result<VmConfig> {
     let cache = Cache::from_env();
     let kernel = match &args.kernel {
@@ -42,12 +52,13 @@ fn vm_config(args: &RunArgs) -> anyhow::Result<VmConfig> {
         )?,
     };
     let initramfs = match &args.initrd {
-        Some(i) => existing(i.clone(), "initramfs", "")?,
-        None => existing(
+        Some(i) => Some(existing(i.clone(), "initramfs", "")?),
+        None if is_freestanding(&kernel) => None,
+        None => Some(existing(
             cache.initramfs_path(),
             "the default initramfs",
             "; build it with `vhpc image initramfs`",
-        )?,
+        )?),
     };
     Ok(VmConfig {
         vcpus: args.vcpus,
@@ -57,7 +68,7 @@ fn vm_config(args: &RunArgs) -> anyhow::Result<VmConfig> {
             prefault: args.prefault,
         },
         kernel,
-        initramfs: Some(initramfs),
+        initramfs,
         cmdline: args
             .cmdline
             .clone()
@@ -97,15 +108,21 @@ impl<A: Write, B: Write> Write for Tee<A, B> {
 pub fn run(args: RunArgs) -> anyhow::Result<i32> {
     let config = vm_config(&args)?;
     let report = AgentReport::default();
+    let extra_initramfs = if is_freestanding(&config.kernel) {
+        Vec::new()
+    } else {
+        vhpc_image::initramfs::command_archive(&args.command)
+    };
     let io = VmIo {
         console: console_sink(&args)?,
         agent: Box::new(AgentRelay::new(report.clone())),
-        extra_initramfs: vhpc_image::initramfs::command_archive(&args.command),
+        extra_initramfs,
         timeout: args.timeout.map(Duration::from_secs),
     };
     let (outcome, log) = vhpc_vmm::run(&config, io)?;
     Ok(match outcome {
         VmOutcome::PowerOff | VmOutcome::Reset => report.exit_status().unwrap_or(0),
+        VmOutcome::Exit(status) => i32::from(status),
         VmOutcome::Panic => {
             let saved = save_log(&log.contents());
             eprintln!("vhpc: the guest kernel panicked; console log: {saved}");

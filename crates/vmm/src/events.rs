@@ -13,6 +13,8 @@ pub enum VmEvent {
     Reset,
     /// The guest kernel panicked (seen on its console).
     Panic,
+    /// The guest asked to stop with an exit status (the debug-exit port).
+    Exit { status: u8 },
     /// KVM could not run the guest any further.
     Crash { vcpu: u32, reason: String },
 }
@@ -22,9 +24,11 @@ pub struct PowerEvents(pub Sender<VmEvent>);
 
 impl PowerEventHandler for PowerEvents {
     fn power_event(&self, event: PowerEvent) {
+        log::debug!("guest power event: {event:?}");
         let event = match event {
             PowerEvent::PowerOff => VmEvent::PowerOff,
             PowerEvent::Reset => VmEvent::Reset,
+            PowerEvent::Exit { status } => VmEvent::Exit { status },
         };
         // The main loop may already be gone after an earlier event; nothing to do then.
         let _ = self.0.send(event);

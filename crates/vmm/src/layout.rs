@@ -3,6 +3,7 @@
 //! ```text
 //! 0x0000_0500  boot GDT                     0x0000_9000  PML4
 //! 0x0000_0520  boot IDT (empty)             0x0000_a000  PDPT
+//! 0x0000_6000  PVH hvm_start_info, module list, memory map (PVH boot only)
 //! 0x0000_7000  boot_params ("zero page")    0x0000_b000  4 page directories (identity 0-4 GiB)
 //! 0x0000_8ff0  boot stack top               0x0002_0000  kernel command line
 //! 0x0009_fc00  EBDA .. 0x000f_ffff          reserved (ACPI tables at 0x000e_0000)
@@ -13,6 +14,12 @@
 
 pub const BOOT_GDT_START: u64 = 0x500;
 pub const BOOT_IDT_START: u64 = 0x520;
+/// PVH boot: the hvm_start_info (56 bytes), then one module entry (32 bytes), then the memory
+/// map up to the zero page.
+pub const PVH_START_INFO: u64 = 0x6000;
+pub const PVH_MODLIST: u64 = 0x6040;
+pub const PVH_MEMMAP: u64 = 0x6080;
+pub const PVH_MEMMAP_END: u64 = 0x7000;
 pub const ZERO_PAGE_START: u64 = 0x7000;
 pub const BOOT_STACK_POINTER: u64 = 0x8ff0;
 pub const PML4_START: u64 = 0x9000;
@@ -68,6 +75,9 @@ mod tests {
         let mut areas = [
             (BOOT_GDT_START, 0x20),
             (BOOT_IDT_START, 0x8),
+            (PVH_START_INFO, PVH_MODLIST - PVH_START_INFO),
+            (PVH_MODLIST, PVH_MEMMAP - PVH_MODLIST),
+            (PVH_MEMMAP, PVH_MEMMAP_END - PVH_MEMMAP),
             (ZERO_PAGE_START, 0x1000),
             (PML4_START, 0x1000),
             (PDPT_START, 0x1000),

@@ -1,10 +1,11 @@
 //! vhpc-vmm: one virtual machine on KVM. The only crate that talks to KVM.
 //!
 //! - [`memory`] guest RAM; [`layout`] the guest-physical map;
-//! - [`boot`] Linux direct boot (kernel, initramfs, boot_params, 64-bit entry state);
+//! - [`boot`] direct boot: Linux 64-bit (bzImage) or PVH (ELF with a PVH note), initramfs;
 //! - [`cpuid`], [`vcpu_setup`] per-vCPU configuration; [`vcpu`] the vCPU threads;
+//! - [`vcpu_state`], [`vm_state`] the state of a vCPU and of a VM, for save → restore;
 //! - [`acpi`] the ACPI tables; [`console`] the console sink that watches for panics;
-//! - [`vm`] ties it together: config in, outcome out.
+//! - [`vm`] ties it together: config in, outcome out, and the [`Vm`] handle in between.
 
 pub mod acpi;
 pub mod boot;
@@ -16,6 +17,10 @@ pub mod layout;
 pub mod memory;
 pub mod vcpu;
 pub mod vcpu_setup;
+pub mod vcpu_state;
 pub mod vm;
+pub mod vm_state;
 
-pub use vm::{VmError, VmIo, VmOutcome, run};
+pub use vcpu_state::VcpuState;
+pub use vm::{Vm, VmError, VmIo, VmOutcome, run};
+pub use vm_state::VmState;

@@ -10,12 +10,16 @@
 //!
 //! Commands arrive on a channel; the sender then "kicks" the thread with a signal whose handler
 //! sets `immediate_exit` in the vCPU's kvm_run, so a vCPU inside KVM_RUN (or about to enter
-//! it) returns promptly. The exit handler is a plain function, tested without a guest.
+//! it) returns promptly. Pause and Resume are answered once they have taken effect; on the way
+//! to Paused the thread lets KVM finish an instruction whose port I/O it was waiting for, so
+//! a paused vCPU's state is complete and can be saved (on the thread that owns the vCPU fd).
+//! The exit handler is a plain function, tested without a guest.
 
 use std::cell::Cell;
 use std::sync::mpsc::{Receiver, Sender, TryRecvError, channel};
-use std::sync::{Arc, Once};
+use std::sync::{Arc, Mutex, Once};
 use std::thread::JoinHandle;
+use std::time::Duration;
 
 use kvm_bindings::kvm_run;
 use kvm_ioctls::{VcpuExit, VcpuFd};
@@ -23,6 +27,7 @@ use vhpc_devices::bus::PioBus;
 use vmm_sys_util::signal::{Killable, SIGRTMIN, register_signal_handler};
 
 use crate::events::VmEvent;
+use crate::vcpu_state::{VcpuState, VcpuStateCaps, VcpuStateError};
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum VcpuCommand {
@@ -31,11 +36,44 @@ pub enum VcpuCommand {
     Exit,
 }
 
+/// Where a vCPU thread is in its life (the snapshot of its registers is [`VcpuState`]).
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub enum VcpuState {
+pub enum VcpuRunState {
     Running,
     Paused,
     Exiting,
+}
+
+/// What the VMM asks a vCPU thread.
+enum VcpuRequest {
+    Command(VcpuCommand),
+    /// Read the vCPU's state (only while paused).
+    SaveState,
+}
+
+/// What a vCPU thread answers.
+enum VcpuReply {
+    /// The state a Pause or Resume command led to.
+    Now(VcpuRunState),
+    Saved(Box<Result<VcpuState, VcpuError>>),
+}
+
+/// How long the VMM waits for a vCPU thread to act on a request. A vCPU leaves KVM_RUN within
+/// one emulated instruction after a kick; seconds mean the thread is stuck.
+const REPLY_TIMEOUT: Duration = Duration::from_secs(10);
+
+#[derive(Debug, thiserror::Error)]
+pub enum VcpuError {
+    #[error("vcpu{index} did not answer within {REPLY_TIMEOUT:?}; its thread is stuck or gone")]
+    NoReply { index: u32 },
+    #[error("vcpu{index} must be paused to save its state; pause the VM first")]
+    NotPaused { index: u32 },
+    #[error("vcpu{index}: {source}")]
+    State {
+        index: u32,
+        #[source]
+        source: VcpuStateError,
+    },
 }
 
 /// What the run loop does after a KVM exit.
@@ -84,6 +122,7 @@ pub fn handle_exit(index: u32, exit: VcpuExit<'_>, io: &PioBus) -> ExitAction {
             ExitAction::Continue
         }
         VcpuExit::IoOut(port, data) => {
+            log::trace!("vcpu{index}: out {port:#x} {data:x?}");
             if !io.write(port, data) {
                 log::debug!("vcpu{index}: write to unhandled port {port:#x}");
             }
@@ -129,8 +168,9 @@ fn crash(vcpu: u32, reason: String) -> ExitAction {
 /// A running vCPU thread, as the VMM's main thread sees it.
 pub struct VcpuHandle {
     index: u32,
-    commands: Sender<VcpuCommand>,
-    thread: Option<JoinHandle<VcpuState>>,
+    requests: Sender<VcpuRequest>,
+    replies: Mutex<Receiver<VcpuReply>>,
+    thread: Option<JoinHandle<VcpuRunState>>,
 }
 
 impl VcpuHandle {
@@ -140,8 +180,10 @@ impl VcpuHandle {
         fd: VcpuFd,
         io: Arc<PioBus>,
         events: Sender<VmEvent>,
+        caps: Arc<VcpuStateCaps>,
     ) -> std::io::Result<Self> {
         let (tx, rx) = channel();
+        let (reply_tx, reply_rx) = channel();
         let thread = std::thread::Builder::new()
             .name(format!("vcpu{index}"))
             .spawn(move || {
@@ -150,20 +192,30 @@ impl VcpuHandle {
                     fd,
                     io,
                     events,
-                    commands: rx,
+                    requests: rx,
+                    replies: reply_tx,
+                    caps,
                 }
                 .run()
             })?;
         Ok(VcpuHandle {
             index,
-            commands: tx,
+            requests: tx,
+            replies: Mutex::new(reply_rx),
             thread: Some(thread),
         })
     }
 
-    /// Sends a command and kicks the thread out of KVM_RUN so it acts on it now.
+    /// Sends a command and kicks the thread out of KVM_RUN so it acts on it now. Pause and
+    /// Resume are answered: collect the answer with [`VcpuHandle::wait_for`].
     pub fn send(&self, command: VcpuCommand) {
-        if self.commands.send(command).is_err() {
+        self.request(VcpuRequest::Command(command));
+    }
+
+    fn request(&self, request: VcpuRequest) {
+        // Answers to requests that timed out earlier must not be taken for this one's.
+        while self.lock_replies().try_recv().is_ok() {}
+        if self.requests.send(request).is_err() {
             return; // The thread has already ended.
         }
         if let Some(t) = &self.thread
@@ -173,8 +225,39 @@ impl VcpuHandle {
         }
     }
 
+    fn lock_replies(&self) -> std::sync::MutexGuard<'_, Receiver<VcpuReply>> {
+        self.replies.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    fn reply(&self) -> Result<VcpuReply, VcpuError> {
+        self.lock_replies()
+            .recv_timeout(REPLY_TIMEOUT)
+            .map_err(|_| VcpuError::NoReply { index: self.index })
+    }
+
+    /// Waits until the thread reports `state` (after a Pause or Resume sent with `send`).
+    pub fn wait_for(&self, state: VcpuRunState) -> Result<(), VcpuError> {
+        loop {
+            if let VcpuReply::Now(now) = self.reply()?
+                && now == state
+            {
+                return Ok(());
+            }
+        }
+    }
+
+    /// The vCPU's state; the vCPU must be paused.
+    pub fn save_state(&self) -> Result<VcpuState, VcpuError> {
+        self.request(VcpuRequest::SaveState);
+        loop {
+            if let VcpuReply::Saved(result) = self.reply()? {
+                return *result;
+            }
+        }
+    }
+
     /// Asks the thread to exit and waits for it; returns its final state.
-    pub fn exit_and_join(mut self) -> Option<VcpuState> {
+    pub fn exit_and_join(mut self) -> Option<VcpuRunState> {
         self.send(VcpuCommand::Exit);
         self.thread.take().and_then(|t| t.join().ok())
     }
@@ -185,18 +268,20 @@ struct VcpuThread {
     fd: VcpuFd,
     io: Arc<PioBus>,
     events: Sender<VmEvent>,
-    commands: Receiver<VcpuCommand>,
+    requests: Receiver<VcpuRequest>,
+    replies: Sender<VcpuReply>,
+    caps: Arc<VcpuStateCaps>,
 }
 
 impl VcpuThread {
-    fn run(mut self) -> VcpuState {
+    fn run(mut self) -> VcpuRunState {
         KVM_RUN.with(|c| c.set(self.fd.get_kvm_run()));
-        let mut state = VcpuState::Running;
-        while state != VcpuState::Exiting {
+        let mut state = VcpuRunState::Running;
+        while state != VcpuRunState::Exiting {
             state = match state {
-                VcpuState::Running => self.running(),
-                VcpuState::Paused => self.paused(),
-                VcpuState::Exiting => VcpuState::Exiting,
+                VcpuRunState::Running => self.running(),
+                VcpuRunState::Paused => self.paused(),
+                VcpuRunState::Exiting => VcpuRunState::Exiting,
             };
         }
         KVM_RUN.with(|c| c.set(std::ptr::null_mut()));
@@ -205,18 +290,69 @@ impl VcpuThread {
 
     /// Applies a command to a state.
     /// Exiting is final: no command leads out of it.
-    fn next(state: VcpuState, command: VcpuCommand) -> VcpuState {
+    fn next(state: VcpuRunState, command: VcpuCommand) -> VcpuRunState {
         match (state, command) {
-            (VcpuState::Exiting, _) | (_, VcpuCommand::Exit) => VcpuState::Exiting,
-            (_, VcpuCommand::Pause) => VcpuState::Paused,
-            (_, VcpuCommand::Resume) => VcpuState::Running,
+            (VcpuRunState::Exiting, _) | (_, VcpuCommand::Exit) => VcpuRunState::Exiting,
+            (_, VcpuCommand::Pause) => VcpuRunState::Paused,
+            (_, VcpuCommand::Resume) => VcpuRunState::Running,
         }
     }
 
-    fn running(&mut self) -> VcpuState {
-        match self.commands.try_recv() {
-            Ok(cmd) => return Self::next(VcpuState::Running, cmd),
-            Err(TryRecvError::Disconnected) => return VcpuState::Exiting,
+    /// Acts on a request in `state`; returns the next state.
+    fn handle(&mut self, state: VcpuRunState, request: VcpuRequest) -> VcpuRunState {
+        match request {
+            VcpuRequest::Command(command) => {
+                let next = Self::next(state, command);
+                if state == VcpuRunState::Running && next == VcpuRunState::Paused {
+                    self.settle();
+                }
+                if next != VcpuRunState::Exiting {
+                    let _ = self.replies.send(VcpuReply::Now(next));
+                }
+                next
+            }
+            VcpuRequest::SaveState => {
+                let result = if state == VcpuRunState::Paused {
+                    VcpuState::save(&self.fd, &self.caps).map_err(|source| VcpuError::State {
+                        index: self.index,
+                        source,
+                    })
+                } else {
+                    Err(VcpuError::NotPaused { index: self.index })
+                };
+                let _ = self.replies.send(VcpuReply::Saved(Box::new(result)));
+                state
+            }
+        }
+    }
+
+    /// Lets KVM complete an instruction that exited for port I/O or MMIO (an `in` whose data
+    /// the VMM has supplied, a string instruction half done) without running the guest
+    /// further, so the saved state is between two instructions.
+    fn settle(&mut self) {
+        for _ in 0..64 {
+            self.fd.set_kvm_immediate_exit(1);
+            let result = self.fd.run();
+            let action = match result {
+                Err(e) if e.errno() == libc::EINTR || e.errno() == libc::EAGAIN => break,
+                Err(e) => {
+                    log::warn!("vcpu{}: KVM_RUN while pausing failed: {e}", self.index);
+                    break;
+                }
+                Ok(exit) => handle_exit(self.index, exit, &self.io),
+            };
+            if let ExitAction::Stop(event) = action {
+                let _ = self.events.send(event);
+                break;
+            }
+        }
+        self.fd.set_kvm_immediate_exit(0);
+    }
+
+    fn running(&mut self) -> VcpuRunState {
+        match self.requests.try_recv() {
+            Ok(request) => return self.handle(VcpuRunState::Running, request),
+            Err(TryRecvError::Disconnected) => return VcpuRunState::Exiting,
             Err(TryRecvError::Empty) => {}
         }
         let action = match self.fd.run() {
@@ -228,19 +364,19 @@ impl VcpuThread {
             Err(e) => crash(self.index, format!("KVM_RUN failed: {e}")),
         };
         match action {
-            ExitAction::Continue => VcpuState::Running,
+            ExitAction::Continue => VcpuRunState::Running,
             ExitAction::Stop(event) => {
                 let _ = self.events.send(event);
                 // Wait to be told to exit, so the main thread decides the VM's fate.
-                VcpuState::Paused
+                VcpuRunState::Paused
             }
         }
     }
 
-    fn paused(&mut self) -> VcpuState {
-        match self.commands.recv() {
-            Ok(cmd) => Self::next(VcpuState::Paused, cmd),
-            Err(_) => VcpuState::Exiting,
+    fn paused(&mut self) -> VcpuRunState {
+        match self.requests.recv() {
+            Ok(request) => self.handle(VcpuRunState::Paused, request),
+            Err(_) => VcpuRunState::Exiting,
         }
     }
 }
@@ -319,7 +455,7 @@ mod tests {
     #[test]
     fn state_machine_transitions() {
         use VcpuCommand::*;
-        use VcpuState::*;
+        use VcpuRunState::*;
         assert_eq!(VcpuThread::next(Running, Pause), Paused);
         assert_eq!(VcpuThread::next(Paused, Resume), Running);
         assert_eq!(VcpuThread::next(Paused, Exit), Exiting);

@@ -1,10 +1,12 @@
 //! Per-vCPU configuration before the first KVM_RUN: CPUID, boot MSRs, local APIC LVTs, and
-//! for the boot vCPU the Linux 64-bit entry state.
+//! for vCPUs that start at the kernel's entry their entry state (Linux 64-bit or PVH).
 
-use kvm_bindings::{CpuId, Msrs, kvm_lapic_state, kvm_msr_entry};
+use kvm_bindings::{
+    CpuId, KVM_MP_STATE_RUNNABLE, Msrs, kvm_lapic_state, kvm_mp_state, kvm_msr_entry,
+};
 use kvm_ioctls::VcpuFd;
 
-use crate::boot::cpu_state;
+use crate::boot::{BootEntry, cpu_state, pvh};
 use crate::cpuid;
 use crate::memory::GuestMemory;
 
@@ -87,14 +89,16 @@ pub fn set_lint_modes(state: &mut kvm_lapic_state) {
     set_lapic_reg(state, APIC_LVT1, with_mode(lvt1, APIC_MODE_NMI));
 }
 
-/// Configures vCPU `index` of `count`. Only the boot vCPU (index 0) gets an entry point; the
-/// others wait for INIT/SIPI from the guest, in the in-kernel local APIC.
+/// Configures vCPU `index` of `count`. A vCPU given a `boot` entry starts there; the others
+/// wait for INIT/SIPI from the guest, in the in-kernel local APIC. Normally only the boot vCPU
+/// (index 0) gets an entry; a guest that declares it (see `boot::guest_kind`) gets every vCPU
+/// started at its PVH entry, which also works where INIT/SIPI does not (kvm_pvm).
 pub fn configure(
     fd: &VcpuFd,
     index: u32,
     count: u32,
     supported_cpuid: &CpuId,
-    boot: Option<(&GuestMemory, u64)>,
+    boot: Option<(&GuestMemory, BootEntry)>,
 ) -> Result<(), VcpuSetupError> {
     let kvm = |what| {
         move |source| VcpuSetupError::Kvm {
@@ -121,15 +125,28 @@ pub fn configure(
     set_lint_modes(&mut lapic);
     fd.set_lapic(&lapic).map_err(kvm("KVM_SET_LAPIC"))?;
 
-    if let Some((mem, entry)) = boot {
-        fd.set_fpu(&cpu_state::reset_fpu())
-            .map_err(kvm("KVM_SET_FPU"))?;
-        let sregs = fd.get_sregs().map_err(kvm("KVM_GET_SREGS"))?;
-        let sregs = cpu_state::setup_long_mode(mem, sregs)
-            .map_err(|source| VcpuSetupError::Boot { index, source })?;
-        fd.set_sregs(&sregs).map_err(kvm("KVM_SET_SREGS"))?;
-        fd.set_regs(&cpu_state::entry_regs(entry))
-            .map_err(kvm("KVM_SET_REGS"))?;
+    let Some((mem, entry)) = boot else {
+        return Ok(());
+    };
+    fd.set_fpu(&cpu_state::reset_fpu())
+        .map_err(kvm("KVM_SET_FPU"))?;
+    let sregs = fd.get_sregs().map_err(kvm("KVM_GET_SREGS"))?;
+    let (sregs, regs) = match entry {
+        BootEntry::Linux64 { entry } => (
+            cpu_state::setup_long_mode(mem, sregs)
+                .map_err(|source| VcpuSetupError::Boot { index, source })?,
+            cpu_state::entry_regs(entry),
+        ),
+        BootEntry::Pvh { entry } => (pvh::entry_sregs(sregs), pvh::entry_regs(entry)),
+    };
+    fd.set_sregs(&sregs).map_err(kvm("KVM_SET_SREGS"))?;
+    fd.set_regs(&regs).map_err(kvm("KVM_SET_REGS"))?;
+    if index > 0 {
+        // With an in-kernel local APIC a secondary vCPU waits for INIT/SIPI unless told to run.
+        let runnable = kvm_mp_state {
+            mp_state: KVM_MP_STATE_RUNNABLE,
+        };
+        fd.set_mp_state(runnable).map_err(kvm("KVM_SET_MP_STATE"))?;
     }
     Ok(())
 }

@@ -1,6 +1,7 @@
 //! One VM from config to outcome: KVM VM with in-kernel irqchip and PIT, guest memory, the
 //! legacy devices, the kernel loaded, one thread per vCPU, then wait for the first event that
-//! ends the VM and shut everything down in order.
+//! ends the VM and shut everything down in order. [`Vm`] is the handle for everything in
+//! between: pause, resume, dirty log, save and restore into a new VM.
 
 use std::io::Write;
 use std::sync::mpsc::{Receiver, Sender, channel};
@@ -8,27 +9,32 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use kvm_bindings::{
-    KVM_MAX_CPUID_ENTRIES, KVM_PIT_SPEAKER_DUMMY, kvm_pit_config, kvm_userspace_memory_region,
+    KVM_MAX_CPUID_ENTRIES, KVM_MEM_LOG_DIRTY_PAGES, KVM_PIT_SPEAKER_DUMMY, kvm_pit_config,
+    kvm_userspace_memory_region,
 };
-use kvm_ioctls::{Kvm, VmFd};
+use kvm_ioctls::{Kvm, VcpuFd, VmFd};
 use vhpc_api::{HostLimits, VmConfig};
 use vhpc_devices::bus::PioBus;
 use vhpc_devices::serial::{COM1_IRQ, COM1_PORT, COM2_IRQ, COM2_PORT, SERIAL_PORT_LEN, SerialPort};
-use vhpc_devices::{acpi_pm, i8042, rtc};
+use vhpc_devices::{acpi_pm, debug_exit, i8042, rtc};
 use vm_memory::{Bytes, GuestAddress, GuestMemoryBackend as _, GuestMemoryRegion as _};
 
-use crate::boot::{self, KernelFormat, loader, params};
+use crate::boot::{self, BootEntry, GuestKind, guest_kind, loader, params, pvh};
 use crate::console::{ConsoleLog, ConsoleSink};
 use crate::events::{PowerEvents, VmEvent};
 use crate::host::{self, KvmKind};
 use crate::memory::{self, GuestMemory};
-use crate::vcpu::{VcpuHandle, install_kick_handler};
+use crate::vcpu::{VcpuCommand, VcpuError, VcpuHandle, VcpuRunState, install_kick_handler};
+use crate::vcpu_state::VcpuStateCaps;
+use crate::vm_state::{self, IrqchipState, VmState};
 use crate::{acpi, cpuid, layout, vcpu_setup};
 
 /// How a VM ended.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub enum VmOutcome {
     PowerOff,
+    /// The guest wrote this status to the debug-exit port.
+    Exit(u8),
     Reset,
     Panic,
     Crash(String),
@@ -78,6 +84,16 @@ pub enum VmError {
     Device { what: &'static str, detail: String },
     #[error("cannot start a vCPU thread: {0}")]
     Thread(std::io::Error),
+    #[error(transparent)]
+    VcpuState(#[from] VcpuError),
+    #[error(transparent)]
+    VmState(#[from] vm_state::VmStateError),
+    #[error("the VM must be paused to save its state; pause it first")]
+    NotPaused,
+    #[error("dirty logging is off; turn it on (set_dirty_logging) before reading the dirty log")]
+    DirtyLogOff,
+    #[error("cannot restore: {0}; restore with the config the state was saved with")]
+    RestoreMismatch(String),
 }
 
 fn kvm_err(what: &'static str) -> impl FnOnce(kvm_ioctls::Error) -> VmError {
@@ -94,74 +110,279 @@ pub fn host_limits(kvm: &Kvm) -> HostLimits {
 
 /// Boots the VM described by `config` and runs it until it ends.
 pub fn run(config: &VmConfig, io: VmIo) -> Result<(VmOutcome, ConsoleLog), VmError> {
+    let timeout = io.timeout;
+    let mut vm = Vm::boot(config, io)?;
+    vm.start()?;
+    let outcome = vm.wait(timeout);
+    let log = vm.console_log().clone();
+    vm.shutdown();
+    Ok((outcome, log))
+}
+
+/// One VM: its KVM fds, memory, devices and vCPU threads. Built by [`Vm::boot`] (fresh guest)
+/// or [`Vm::restore`] (from a [`VmState`]), started by [`Vm::start`], then paused, resumed,
+/// saved and watched until it ends; dropping it stops and joins every vCPU thread.
+pub struct Vm {
+    fd: VmFd,
+    mem: GuestMemory,
+    caps: Arc<VcpuStateCaps>,
+    bus: Arc<PioBus>,
+    /// vCPU fds before [`Vm::start`]; their threads after.
+    pending: Vec<VcpuFd>,
+    vcpus: Vec<VcpuHandle>,
+    events_tx: Sender<VmEvent>,
+    events: Mutex<Receiver<VmEvent>>,
+    log: ConsoleLog,
+    paused: bool,
+    dirty_logging: bool,
+}
+
+impl Vm {
+    /// Creates a VM and loads the guest; its vCPUs are ready at the entry point, not running.
+    pub fn boot(config: &VmConfig, io: VmIo) -> Result<Vm, VmError> {
+        let (kvm, kind) = open_kvm(config)?;
+        let mut vm = Vm::create(&kvm, config, io.console, io.agent)?;
+        let (entry, all_at_entry) = load_guest(config, &vm.mem, &io.extra_initramfs, kind)?;
+        let supported = kvm
+            .get_supported_cpuid(KVM_MAX_CPUID_ENTRIES)
+            .map_err(kvm_err("KVM_GET_SUPPORTED_CPUID"))?;
+        for index in 0..config.vcpus {
+            let fd = vm
+                .fd
+                .create_vcpu(u64::from(index))
+                .map_err(kvm_err("KVM_CREATE_VCPU"))?;
+            let boot = (index == 0 || all_at_entry).then_some((&vm.mem, entry));
+            vcpu_setup::configure(&fd, index, config.vcpus, &supported, boot)?;
+            vm.pending.push(fd);
+        }
+        Ok(vm)
+    }
+
+    /// Creates a VM from a saved state: same config (memory size, vCPU count), fresh devices,
+    /// the saved memory, interrupt controllers and vCPUs. Not running until [`Vm::start`].
+    pub fn restore(config: &VmConfig, io: VmIo, state: &VmState) -> Result<Vm, VmError> {
+        if state.vcpus.len() != config.vcpus as usize {
+            return Err(VmError::RestoreMismatch(format!(
+                "the state has {} vCPUs, the config {}",
+                state.vcpus.len(),
+                config.vcpus
+            )));
+        }
+        let (kvm, _) = open_kvm(config)?;
+        let mut vm = Vm::create(&kvm, config, io.console, io.agent)?;
+        vm_state::restore_memory(&vm.mem, &state.memory)?;
+        state.irqchip.restore(&vm.fd)?;
+        for (index, saved) in state.vcpus.iter().enumerate() {
+            let fd = vm
+                .fd
+                .create_vcpu(index as u64)
+                .map_err(kvm_err("KVM_CREATE_VCPU"))?;
+            saved.restore(&fd).map_err(|source| VcpuError::State {
+                index: index as u32,
+                source,
+            })?;
+            vm.pending.push(fd);
+        }
+        Ok(vm)
+    }
+
+    /// The parts boot and restore share: memory, KVM VM, irqchip, PIT, devices.
+    fn create(
+        kvm: &Kvm,
+        config: &VmConfig,
+        console: Box<dyn Write + Send>,
+        agent: Box<dyn Write + Send>,
+    ) -> Result<Vm, VmError> {
+        install_kick_handler().map_err(|e| VmError::Device {
+            what: "the vCPU kick signal",
+            detail: e.to_string(),
+        })?;
+        let mem = memory::create(&config.memory)?;
+        let fd = kvm.create_vm().map_err(kvm_err("KVM_CREATE_VM"))?;
+        register_memory(&fd, &mem, 0)?;
+        setup_irqchip(&fd)?;
+        let caps = Arc::new(
+            VcpuStateCaps::probe(kvm, true)
+                .map_err(|source| VmError::VcpuState(VcpuError::State { index: 0, source }))?,
+        );
+        let (events_tx, events_rx) = channel();
+        let log = ConsoleLog::default();
+        let console = ConsoleSink::new(console, log.clone(), events_tx.clone());
+        let bus = Arc::new(build_devices(&fd, Box::new(console), agent, &events_tx)?);
+        Ok(Vm {
+            fd,
+            mem,
+            caps,
+            bus,
+            pending: Vec::new(),
+            vcpus: Vec::new(),
+            events_tx,
+            events: Mutex::new(events_rx),
+            log,
+            paused: false,
+            dirty_logging: false,
+        })
+    }
+
+    /// Starts one thread per vCPU.
+    pub fn start(&mut self) -> Result<(), VmError> {
+        for fd in std::mem::take(&mut self.pending) {
+            let index = self.vcpus.len() as u32;
+            let handle = VcpuHandle::spawn(
+                index,
+                fd,
+                self.bus.clone(),
+                self.events_tx.clone(),
+                self.caps.clone(),
+            )
+            .map_err(VmError::Thread)?;
+            self.vcpus.push(handle);
+        }
+        Ok(())
+    }
+
+    /// Waits for the first event that ends the VM (or `timeout`). The vCPUs are stopped then,
+    /// but the VM still exists: its memory, dirty log and state can be read.
+    pub fn wait(&self, timeout: Option<Duration>) -> VmOutcome {
+        let events = self.events.lock().unwrap_or_else(|p| p.into_inner());
+        wait_for_end(&events, &self.log, timeout)
+    }
+
+    /// Stops every vCPU between two instructions; returns when all have stopped.
+    pub fn pause(&mut self) -> Result<(), VmError> {
+        self.command_all(VcpuCommand::Pause, VcpuRunState::Paused)?;
+        self.paused = true;
+        Ok(())
+    }
+
+    /// Lets every vCPU run again.
+    pub fn resume(&mut self) -> Result<(), VmError> {
+        self.command_all(VcpuCommand::Resume, VcpuRunState::Running)?;
+        self.paused = false;
+        Ok(())
+    }
+
+    fn command_all(&self, command: VcpuCommand, state: VcpuRunState) -> Result<(), VmError> {
+        for vcpu in &self.vcpus {
+            vcpu.send(command);
+        }
+        for vcpu in &self.vcpus {
+            vcpu.wait_for(state)?;
+        }
+        Ok(())
+    }
+
+    /// Saves the whole VM; it must be paused ([`Vm::pause`]).
+    pub fn save_state(&self) -> Result<VmState, VmError> {
+        if !self.paused {
+            return Err(VmError::NotPaused);
+        }
+        let vcpus = self
+            .vcpus
+            .iter()
+            .map(VcpuHandle::save_state)
+            .collect::<Result<Vec<_>, _>>()?;
+        Ok(VmState {
+            vcpus,
+            irqchip: IrqchipState::save(&self.fd)?,
+            memory: vm_state::save_memory(&self.mem)?,
+        })
+    }
+
+    /// Starts or stops KVM's dirty-page log for all guest memory.
+    pub fn set_dirty_logging(&mut self, on: bool) -> Result<(), VmError> {
+        let flags = if on { KVM_MEM_LOG_DIRTY_PAGES } else { 0 };
+        register_memory(&self.fd, &self.mem, flags)?;
+        self.dirty_logging = on;
+        Ok(())
+    }
+
+    /// Guest-physical addresses of the pages the guest wrote since dirty logging started or
+    /// since the last call (KVM_GET_DIRTY_LOG clears the log), in ascending order. Writes the
+    /// VMM makes itself (loading the kernel, restoring memory) are not in it.
+    pub fn dirty_pages(&self) -> Result<Vec<u64>, VmError> {
+        if !self.dirty_logging {
+            return Err(VmError::DirtyLogOff);
+        }
+        let mut pages = Vec::new();
+        for (slot, region) in self.mem.iter().enumerate() {
+            let bitmap = self
+                .fd
+                .get_dirty_log(slot as u32, region.len() as usize)
+                .map_err(kvm_err("KVM_GET_DIRTY_LOG"))?;
+            pages.extend(dirty_addresses(region.start_addr().0, &bitmap));
+        }
+        Ok(pages)
+    }
+
+    /// Guest memory (readable at any time; stable while paused).
+    pub fn memory(&self) -> &GuestMemory {
+        &self.mem
+    }
+
+    /// The guest console's log so far.
+    pub fn console_log(&self) -> &ConsoleLog {
+        &self.log
+    }
+
+    /// Stops and joins every vCPU thread (also done on drop).
+    pub fn shutdown(self) {}
+}
+
+impl Drop for Vm {
+    fn drop(&mut self) {
+        for vcpu in self.vcpus.drain(..) {
+            vcpu.exit_and_join();
+        }
+    }
+}
+
+/// Page addresses of the set bits of a KVM dirty bitmap for a region starting at `start`.
+fn dirty_addresses(start: u64, bitmap: &[u64]) -> impl Iterator<Item = u64> + '_ {
+    bitmap.iter().enumerate().flat_map(move |(word, &bits)| {
+        (0..64)
+            .filter(move |bit| bits & (1 << bit) != 0)
+            .map(move |bit| start + ((word as u64 * 64 + bit) << 12))
+    })
+}
+
+/// Opens KVM, validates the config against it, and refuses guests this host cannot run.
+fn open_kvm(config: &VmConfig) -> Result<(Kvm, Option<GuestKind>), VmError> {
     let kind = host::kvm_kind();
     if kind == KvmKind::Missing {
         return Err(VmError::NoKvm);
     }
     let kvm = Kvm::new().map_err(VmError::OpenKvm)?;
     config.validate(&host_limits(&kvm))?;
-    if kind == KvmKind::Pvm && is_linux_kernel(&config.kernel) {
-        return Err(VmError::PvmCannotBootLinux);
+    let guest = guest_kind::classify(&config.kernel).ok().flatten();
+    if kind == KvmKind::Pvm {
+        match guest {
+            Some(GuestKind::Linux) => return Err(VmError::PvmCannotBootLinux),
+            Some(GuestKind::Freestanding {
+                general_regs_only: false,
+                ..
+            }) => log::warn!(
+                "{} does not declare (vhpc ELF note) that it uses general registers only; this host's kvm_pvm stops it at its first x87/SSE instruction",
+                config.kernel.display()
+            ),
+            _ => {}
+        }
     }
-    install_kick_handler().map_err(|e| VmError::Device {
-        what: "the vCPU kick signal",
-        detail: e.to_string(),
-    })?;
-
-    let mem = memory::create(&config.memory)?;
-    let vm = kvm.create_vm().map_err(kvm_err("KVM_CREATE_VM"))?;
-    register_memory(&vm, &mem)?;
-    setup_irqchip(&vm)?;
-
-    let (events_tx, events_rx) = channel();
-    let log = ConsoleLog::default();
-    let console = ConsoleSink::new(io.console, log.clone(), events_tx.clone());
-    let bus = Arc::new(build_devices(&vm, Box::new(console), io.agent, &events_tx)?);
-
-    let entry = load_guest(config, &mem, &io.extra_initramfs)?;
-    let supported = kvm
-        .get_supported_cpuid(KVM_MAX_CPUID_ENTRIES)
-        .map_err(kvm_err("KVM_GET_SUPPORTED_CPUID"))?;
-    let mut vcpus = Vec::new();
-    for index in 0..config.vcpus {
-        let fd = vm
-            .create_vcpu(u64::from(index))
-            .map_err(kvm_err("KVM_CREATE_VCPU"))?;
-        let boot = (index == 0).then_some((&mem, entry));
-        vcpu_setup::configure(&fd, index, config.vcpus, &supported, boot)?;
-        vcpus.push(fd);
-    }
-    let handles = vcpus
-        .into_iter()
-        .enumerate()
-        .map(|(i, fd)| VcpuHandle::spawn(i as u32, fd, bus.clone(), events_tx.clone()))
-        .collect::<Result<Vec<_>, _>>()
-        .map_err(VmError::Thread)?;
-
-    let outcome = wait_for_end(&events_rx, &log, io.timeout);
-    for h in handles {
-        h.exit_and_join();
-    }
-    Ok((outcome, log))
+    Ok((kvm, guest))
 }
 
-fn is_linux_kernel(path: &std::path::Path) -> bool {
-    std::fs::File::open(path)
-        .and_then(|mut f| loader::detect_format(&mut f))
-        .is_ok_and(|f| f == Some(KernelFormat::BzImage))
-}
-
-fn register_memory(vm: &VmFd, mem: &GuestMemory) -> Result<(), VmError> {
+/// Registers (or re-registers, to change `flags`) one memslot per RAM region.
+fn register_memory(vm: &VmFd, mem: &GuestMemory, flags: u32) -> Result<(), VmError> {
     for (slot, region) in mem.iter().enumerate() {
         let region_desc = kvm_userspace_memory_region {
             slot: slot as u32,
-            flags: 0,
+            flags,
             guest_phys_addr: region.start_addr().0,
             memory_size: region.len(),
             userspace_addr: region.as_ptr() as u64,
         };
-        // SAFETY: the host range is a live mapping owned by `mem`, which outlives the VM fd in
-        // every caller (both are dropped at the end of `run`, the VM's vCPUs joined before).
+        // SAFETY: the host range is a live mapping owned by `mem`; `mem` and the VM fd live in
+        // the same `Vm`, whose Drop joins the vCPU threads before either is dropped.
         unsafe { vm.set_user_memory_region(region_desc) }
             .map_err(kvm_err("KVM_SET_USER_MEMORY_REGION"))?;
     }
@@ -218,18 +439,32 @@ fn build_devices(
         Arc::new(Mutex::new(rtc::CmosRtc::new())),
     )
     .map_err(|e| dev_err("CMOS RTC")(&e))?;
-    let pm = acpi_pm::AcpiPmDevice::new(power);
+    let pm = acpi_pm::AcpiPmDevice::new(power.clone());
     bus.insert(
         acpi_pm::ACPI_PM_PORT,
         acpi_pm::ACPI_PM_LEN,
         Arc::new(Mutex::new(pm)),
     )
     .map_err(|e| dev_err("ACPI power management")(&e))?;
+    let exit = debug_exit::DebugExit::new(power);
+    bus.insert(
+        debug_exit::DEBUG_EXIT_PORT,
+        debug_exit::DEBUG_EXIT_LEN,
+        Arc::new(Mutex::new(exit)),
+    )
+    .map_err(|e| dev_err("debug-exit port")(&e))?;
     Ok(bus)
 }
 
-/// Loads kernel, initramfs, command line, ACPI tables and boot_params; returns the entry point.
-fn load_guest(config: &VmConfig, mem: &GuestMemory, extra: &[u8]) -> Result<u64, VmError> {
+/// Loads kernel, initramfs, command line, ACPI tables and the boot protocol's structures
+/// (PVH start info for an ELF with a PVH note, else boot_params). Returns the entry and
+/// whether every vCPU starts there (a freestanding guest that declares it).
+fn load_guest(
+    config: &VmConfig,
+    mem: &GuestMemory,
+    extra: &[u8],
+    kind: Option<GuestKind>,
+) -> Result<(BootEntry, bool), VmError> {
     let kernel = loader::load_kernel(mem, &config.kernel)?;
     let initramfs = loader::load_initramfs(mem, config.initramfs.as_deref(), extra, &kernel)?;
     let cmdline = config.cmdline.as_bytes();
@@ -252,6 +487,30 @@ fn load_guest(config: &VmConfig, mem: &GuestMemory, extra: &[u8]) -> Result<u64,
     mem.write_slice(&tables.bytes, GuestAddress(layout::ACPI_TABLES_START))
         .map_err(|e| VmError::Acpi(e.to_string()))?;
 
+    if let Some(entry) = kernel.pvh_entry {
+        let max = params::cmdline_max(&kernel);
+        if cmdline.len() > max {
+            return Err(boot::BootError::CmdlineTooLong {
+                len: cmdline.len(),
+                max,
+            }
+            .into());
+        }
+        let info = pvh::PvhInfo {
+            cmdline_addr: layout::CMDLINE_START,
+            initramfs,
+            rsdp_addr: tables.rsdp_addr,
+        };
+        pvh::write(mem, &info)?;
+        let all_at_entry = matches!(
+            kind,
+            Some(GuestKind::Freestanding {
+                all_vcpus_at_entry: true,
+                ..
+            })
+        );
+        return Ok((BootEntry::Pvh { entry }, all_at_entry));
+    }
     let info = params::BootInfo {
         kernel: &kernel,
         cmdline_len: cmdline.len(),
@@ -259,7 +518,12 @@ fn load_guest(config: &VmConfig, mem: &GuestMemory, extra: &[u8]) -> Result<u64,
         rsdp_addr: tables.rsdp_addr,
     };
     params::write(mem, &params::build(mem, &info)?)?;
-    Ok(kernel.entry)
+    Ok((
+        BootEntry::Linux64 {
+            entry: kernel.entry,
+        },
+        false,
+    ))
 }
 
 /// Waits for the first event that ends the VM. A reset right after a panic report is the
@@ -281,6 +545,7 @@ fn wait_for_end(
     };
     match event {
         VmEvent::PowerOff => VmOutcome::PowerOff,
+        VmEvent::Exit { status } => VmOutcome::Exit(status),
         VmEvent::Reset if log.panicked() => VmOutcome::Panic,
         VmEvent::Reset => VmOutcome::Reset,
         VmEvent::Panic => VmOutcome::Panic,

@@ -44,7 +44,7 @@ pub fn boot_gdt() -> [u64; 5] {
 }
 
 /// The segment register KVM wants for a GDT entry.
-fn segment(entry: u64, selector: u16) -> kvm_segment {
+pub fn segment(entry: u64, selector: u16) -> kvm_segment {
     let field = |shift: u32, bits: u32| ((entry >> shift) & ((1u64 << bits) - 1)) as u8;
     let base = ((entry >> 16) & 0xff_ffff) | ((entry >> 32) & 0xff00_0000);
     let limit_raw = (entry & 0xffff) | ((entry >> 32) & 0xf_0000);
@@ -71,7 +71,7 @@ fn segment(entry: u64, selector: u16) -> kvm_segment {
     }
 }
 
-fn write_u64s(
+pub(crate) fn write_u64s(
     mem: &GuestMemory,
     at: u64,
     values: &[u64],

@@ -5,7 +5,8 @@ use std::io::{Read, Seek, SeekFrom};
 use std::path::Path;
 
 use linux_loader::bootparam::setup_header;
-use linux_loader::loader::{KernelLoader, bzimage::BzImage, elf::Elf};
+use linux_loader::loader::elf::{Elf, PvhBootCapability};
+use linux_loader::loader::{KernelLoader, bzimage::BzImage};
 use vm_memory::{Bytes, GuestAddress, GuestMemoryBackend as _, GuestMemoryRegion as _};
 
 use super::BootError;
@@ -31,6 +32,9 @@ pub struct LoadedKernel {
     pub end: u64,
     /// The bzImage's setup header, handed to the kernel in boot_params.
     pub setup_header: Option<setup_header>,
+    /// The ELF's PVH entry point (`XEN_ELFNOTE_PHYS32_ENTRY`), if it has one: such kernels
+    /// are booted through PVH rather than the Linux 64-bit entry.
+    pub pvh_entry: Option<u64>,
 }
 
 /// Offset of the "HdrS" magic in a bzImage.
@@ -79,6 +83,7 @@ pub fn load_kernel(mem: &GuestMemory, path: &Path) -> Result<LoadedKernel, BootE
                 entry: r.kernel_load.0 + BZIMAGE_64BIT_ENTRY_OFFSET,
                 end: r.kernel_end,
                 setup_header: r.setup_header,
+                pvh_entry: None,
             })
         }
         KernelFormat::Elf => {
@@ -88,6 +93,10 @@ pub fn load_kernel(mem: &GuestMemory, path: &Path) -> Result<LoadedKernel, BootE
                 entry: r.kernel_load.0,
                 end: r.kernel_end,
                 setup_header: None,
+                pvh_entry: match r.pvh_boot_cap {
+                    PvhBootCapability::PvhEntryPresent(addr) => Some(addr.0),
+                    _ => None,
+                },
             })
         }
     }
@@ -202,7 +211,28 @@ mod tests {
             entry: 0x100200,
             end: 0x80_0000,
             setup_header: None,
+            pvh_entry: None,
         }
+    }
+
+    #[test]
+    fn the_test_guest_is_loaded_with_its_pvh_entry() {
+        let mem = memory(64);
+        let k = load_kernel(&mem, vhpc_testguest::elf_path()).expect("load the test guest");
+        assert_eq!(k.format, KernelFormat::Elf);
+        let entry = k.pvh_entry.expect("the test guest has a PVH note");
+        assert!(
+            entry > vhpc_testguest::abi::IMAGE_START && entry < k.end,
+            "{entry:#x}"
+        );
+        // The image is in guest memory: it starts with its PT_NOTE (the "Xen" note).
+        let mut name = [0u8; 4];
+        mem.read_slice(
+            &mut name,
+            GuestAddress(vhpc_testguest::abi::IMAGE_START + 12),
+        )
+        .expect("read");
+        assert_eq!(&name, b"Xen\0");
     }
 
     #[test]

@@ -1,11 +1,25 @@
-//! Direct Linux boot: load the kernel, the initramfs and the command line into guest memory,
-//! write boot_params with the e820 map, and give the boot vCPU its 64-bit entry state.
+//! Direct kernel boot: load the kernel, the initramfs and the command line into guest memory,
+//! then either the Linux 64-bit boot protocol (boot_params with the e820 map, long mode; for a
+//! bzImage or an ELF without a PVH note) or the PVH boot protocol (hvm_start_info, 32-bit
+//! protected mode; for an ELF with a PVH note, such as a vmlinux or vhpc's test guest).
 
 pub mod cpu_state;
+pub mod guest_kind;
 pub mod loader;
 pub mod params;
+pub mod pvh;
 
+pub use guest_kind::GuestKind;
 pub use loader::{KernelFormat, LoadedKernel};
+
+/// How a vCPU enters the guest.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum BootEntry {
+    /// Linux 64-bit boot protocol: long mode, RSI = boot_params.
+    Linux64 { entry: u64 },
+    /// PVH: 32-bit protected mode, paging off, EBX = hvm_start_info.
+    Pvh { entry: u64 },
+}
 
 #[derive(Debug, thiserror::Error)]
 pub enum BootError {
@@ -14,7 +28,9 @@ pub enum BootError {
         path: std::path::PathBuf,
         source: std::io::Error,
     },
-    #[error("{path} is not a Linux kernel: expected a bzImage (\"HdrS\" header) or an ELF vmlinux")]
+    #[error(
+        "{path} is not a Linux kernel: expected a bzImage (\"HdrS\" header), an ELF vmlinux, or an ELF with a PVH entry note"
+    )]
     NotAKernel { path: std::path::PathBuf },
     #[error("cannot load kernel {path}: {detail}")]
     LoadKernel {

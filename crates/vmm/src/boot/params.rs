@@ -143,6 +143,7 @@ mod tests {
             entry: 0x100200,
             end: 0x90_0000,
             setup_header: Some(hdr),
+            pvh_entry: None,
         }
     }
 
@@ -215,6 +216,7 @@ mod tests {
             entry: 0x1000000,
             end: 0x2000000,
             setup_header: None,
+            pvh_entry: None,
         };
         let info = BootInfo {
             kernel: &kernel,

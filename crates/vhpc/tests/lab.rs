@@ -57,16 +57,17 @@ fn mem_total_mib(run: &Run) -> u64 {
     kib / 1024
 }
 
+/// Runs in the guest (single-quoted in the emulated host's shell, so it expands in the guest).
 const GUEST_FACTS: &str = "echo cpus=$(nproc); \
      echo online=$(cat /sys/devices/system/cpu/online); \
-     echo memtotal=$(awk '/MemTotal/ {print $2}' /proc/meminfo)";
+     echo memtotal=$(sed -n \"s/^MemTotal: *\\([0-9]*\\) kB/\\1/p\" /proc/meminfo)";
 
 #[test]
 #[ignore = "lab test: boots emulated hosts; run by scripts/test.sh"]
 fn boots_with_one_vcpu_and_sees_its_memory() {
     let run = lab(
         2,
-        &format!("vhpc run --vcpus 1 --memory 512 -- sh -c \"{GUEST_FACTS}\""),
+        &format!("vhpc run --vcpus 1 --memory 512 -- sh -c '{GUEST_FACTS}'"),
     );
     assert_eq!(run.status, 0);
     assert_eq!(field(&run, "cpus"), "1");
@@ -80,7 +81,7 @@ fn boots_with_one_vcpu_and_sees_its_memory() {
 fn boots_with_two_vcpus_and_sees_both() {
     let run = lab(
         2,
-        &format!("vhpc run --vcpus 2 --memory 768 -- sh -c \"{GUEST_FACTS}\""),
+        &format!("vhpc run --vcpus 2 --memory 768 -- sh -c '{GUEST_FACTS}'"),
     );
     assert_eq!(run.status, 0);
     assert_eq!(field(&run, "cpus"), "2");

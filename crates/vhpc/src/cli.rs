@@ -111,6 +111,9 @@ pub enum BenchCommand {
     /// Boot-to-/init time and memory of `vhpc run` vs QEMU microvm and q35, same kernel and
     /// initramfs (run it in the lab: `vhpc lab run --with-qemu -- vhpc bench boot`).
     Boot(BenchBootArgs),
+    /// The VMM's own costs on this host's /dev/kvm with vhpc's test guest, vs QEMU microvm:
+    /// start → first line, VMM-only RSS, VM lifecycles per second.
+    Direct(BenchDirectArgs),
 }
 
 #[derive(Args)]
@@ -120,5 +123,15 @@ pub struct BenchBootArgs {
     pub runs: u32,
     /// Guest memory in MiB.
     #[arg(long, default_value_t = 512)]
+    pub memory: u64,
+}
+
+#[derive(Args)]
+pub struct BenchDirectArgs {
+    /// Measured runs per VMM (after one warm-up round).
+    #[arg(long, default_value_t = 20)]
+    pub runs: u32,
+    /// Guest memory in MiB.
+    #[arg(long, default_value_t = 256)]
     pub memory: u64,
 }

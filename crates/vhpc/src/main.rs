@@ -2,6 +2,7 @@
 //! copied into an initramfs and started by the kernel as pid 1, it is the guest's /init agent.
 
 mod bench_boot;
+mod bench_direct;
 mod cli;
 mod exit_codes;
 mod image_cmd;
@@ -22,6 +23,7 @@ fn main() {
         cli::Command::Image(cmd) => image_cmd::run(cmd),
         cli::Command::Lab(cmd) => lab_cmd::run(cmd),
         cli::Command::Bench(cli::BenchCommand::Boot(args)) => bench_boot::run(args),
+        cli::Command::Bench(cli::BenchCommand::Direct(args)) => bench_direct::run(args),
     };
     match status {
         Ok(code) => std::process::exit(code),

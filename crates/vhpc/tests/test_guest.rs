@@ -31,7 +31,15 @@ fn the_test_guest_boots_and_its_exit_status_is_vhpcs() {
     require_kvm();
     let guest = vhpc_testguest::elf_path().to_str().expect("utf-8 path");
     let (out, took) = vhpc(&[
-        "run", "--kernel", guest, "--cmdline", "exit=9", "--console", "--timeout", "30", "--",
+        "run",
+        "--kernel",
+        guest,
+        "--cmdline",
+        "exit=9",
+        "--console",
+        "--timeout",
+        "30",
+        "--",
         "true",
     ]);
     let stderr = String::from_utf8_lossy(&out.stderr);
@@ -83,10 +91,21 @@ fn linux_kernels_are_refused_at_once_on_kvm_pvm() {
         let mut f = tempfile::NamedTempFile::new().expect("temp file");
         f.write_all(&bytes).expect("write");
         let path = f.path().to_str().expect("utf-8 path");
-        let (out, took) = vhpc(&["run", "--kernel", path, "--initrd", "/dev/null", "--", "true"]);
+        let (out, took) = vhpc(&[
+            "run",
+            "--kernel",
+            path,
+            "--initrd",
+            "/dev/null",
+            "--",
+            "true",
+        ]);
         let stderr = String::from_utf8_lossy(&out.stderr);
         assert_eq!(out.status.code(), Some(125), "{what}: {stderr}");
-        assert!(took < Duration::from_secs(5), "{what}: at once, took {took:?}");
+        assert!(
+            took < Duration::from_secs(5),
+            "{what}: at once, took {took:?}"
+        );
         if kind == KvmKind::Pvm {
             assert!(
                 stderr.contains("kvm_pvm") && stderr.contains("vhpc lab run"),

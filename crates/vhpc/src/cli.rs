@@ -76,6 +76,12 @@ pub enum ImageCommand {
         #[arg(long, default_value = "/bin/busybox")]
         busybox: PathBuf,
     },
+    /// Write vhpc's freestanding test guest (a PVH ELF that runs on any KVM) to a file.
+    TestGuest {
+        /// Output file.
+        #[arg(long, default_value = "vhpc-testguest.elf")]
+        out: PathBuf,
+    },
 }
 
 #[derive(Subcommand)]

@@ -1,4 +1,4 @@
-//! `vhpc image ...`: the guest kernel and initramfs.
+//! `vhpc image ...`: the guest kernel and initramfs, and the test guest.
 
 use anyhow::Context;
 use vhpc_image::cache::Cache;
@@ -27,6 +27,11 @@ pub fn run(cmd: ImageCommand) -> anyhow::Result<i32> {
                 &out,
                 &mut progress,
             )?;
+            println!("{}", out.display());
+        }
+        ImageCommand::TestGuest { out } => {
+            std::fs::write(&out, vhpc_testguest::ELF)
+                .with_context(|| format!("cannot write {}", out.display()))?;
             println!("{}", out.display());
         }
     }

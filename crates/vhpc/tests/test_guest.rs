@@ -118,3 +118,34 @@ fn linux_kernels_are_refused_at_once_on_kvm_pvm() {
         }
     }
 }
+
+#[test]
+fn image_test_guest_writes_a_guest_that_runs() {
+    require_kvm();
+    let dir = tempfile::tempdir().expect("temp dir");
+    let elf = dir.path().join("g.elf");
+    let elf = elf.to_str().expect("utf-8 path");
+    let (out, _) = vhpc(&["image", "test-guest", "--out", elf]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert_eq!(std::fs::read(elf).expect("written"), vhpc_testguest::ELF);
+    let (out, _) = vhpc(&[
+        "run",
+        "--kernel",
+        elf,
+        "--console",
+        "--cmdline",
+        "exception exit=3",
+        "--",
+        "true",
+    ]);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(3), "{stderr}");
+    assert!(
+        stderr.contains("exception: #UD #DE #PF handled"),
+        "{stderr}"
+    );
+}

@@ -272,3 +272,39 @@ fn saving_a_running_vm_is_refused() {
     let err = vm.save_state().unwrap_err();
     assert!(err.to_string().contains("pause it first"), "{err}");
 }
+
+#[test]
+fn a_vcpu_halted_in_the_kernel_pauses_saves_and_restores() {
+    // With the in-kernel irqchip, `cli; hlt` blocks inside KVM_RUN: only the kick gets the
+    // thread out.
+    let config = config(1, 32, "halt");
+    let mut a = boot(&config);
+    wait_until(&a, "the guest to halt", |vm| {
+        result(vm, abi::RES_PHASE) == abi::PHASE_HALTED
+    });
+    let start = Instant::now();
+    a.pause().unwrap();
+    assert!(
+        start.elapsed() < Duration::from_secs(2),
+        "{:?}",
+        start.elapsed()
+    );
+    let state = a.save_state().unwrap();
+    assert_eq!(
+        state.vcpus[0].mp_state.mp_state,
+        kvm_bindings::KVM_MP_STATE_HALTED,
+        "saved as halted"
+    );
+    a.resume().unwrap();
+    let mut b = Vm::restore(&config, io(), &state).unwrap();
+    b.start().unwrap();
+    // Still halted, nothing new printed, and the VM does not end by itself.
+    assert_eq!(
+        b.wait(Some(Duration::from_millis(200))),
+        VmOutcome::TimedOut
+    );
+    assert_eq!(console(&b), "");
+    b.pause().unwrap();
+    let again = b.save_state().unwrap();
+    assert_eq!(again.vcpus[0].regs.rip, state.vcpus[0].regs.rip);
+}

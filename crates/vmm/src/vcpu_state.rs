@@ -51,12 +51,9 @@ pub struct VcpuStateCaps {
 }
 
 impl VcpuStateCaps {
-    pub fn probe(kvm: &Kvm, lapic: bool) -> Result<Self, VcpuStateError> {
-        let msr_indices = kvm
-            .get_msr_index_list()
-            .map_err(kvm_err("KVM_GET_MSR_INDEX_LIST"))?
-            .as_slice()
-            .to_vec();
+    /// Fails only if KVM_GET_MSR_INDEX_LIST fails.
+    pub fn probe(kvm: &Kvm, lapic: bool) -> Result<Self, kvm_ioctls::Error> {
+        let msr_indices = kvm.get_msr_index_list()?.as_slice().to_vec();
         Ok(VcpuStateCaps {
             xsave: kvm.check_extension(Cap::Xsave),
             xcrs: kvm.check_extension(Cap::Xcrs),

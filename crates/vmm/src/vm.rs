@@ -201,10 +201,8 @@ impl Vm {
         let fd = kvm.create_vm().map_err(kvm_err("KVM_CREATE_VM"))?;
         register_memory(&fd, &mem, 0)?;
         setup_irqchip(&fd)?;
-        let caps = Arc::new(
-            VcpuStateCaps::probe(kvm, true)
-                .map_err(|source| VmError::VcpuState(VcpuError::State { index: 0, source }))?,
-        );
+        let caps =
+            Arc::new(VcpuStateCaps::probe(kvm, true).map_err(kvm_err("KVM_GET_MSR_INDEX_LIST"))?);
         let (events_tx, events_rx) = channel();
         let log = ConsoleLog::default();
         let console = ConsoleSink::new(console, log.clone(), events_tx.clone());

@@ -2,7 +2,7 @@
 //!
 //! ```text
 //! 0x0000_0500  boot GDT                     0x0000_9000  PML4
-//! 0x0000_0520  boot IDT (empty)             0x0000_a000  PDPT
+//! 0x0000_0540  boot IDT (empty)             0x0000_a000  PDPT
 //! 0x0000_6000  PVH hvm_start_info, module list, memory map (PVH boot only)
 //! 0x0000_7000  boot_params ("zero page")    0x0000_b000  4 page directories (identity 0-4 GiB)
 //! 0x0000_8ff0  boot stack top               0x0002_0000  kernel command line
@@ -13,7 +13,9 @@
 //! ```
 
 pub const BOOT_GDT_START: u64 = 0x500;
-pub const BOOT_IDT_START: u64 = 0x520;
+/// Room for 8 descriptors: the Linux and PVH boot GDTs must fit below the IDT.
+pub const BOOT_GDT_MAX_ENTRIES: u64 = 8;
+pub const BOOT_IDT_START: u64 = 0x540;
 /// PVH boot: the hvm_start_info (56 bytes), then one module entry (32 bytes), then the memory
 /// map up to the zero page.
 pub const PVH_START_INFO: u64 = 0x6000;
@@ -73,7 +75,7 @@ mod tests {
     #[test]
     fn boot_structures_do_not_overlap() {
         let mut areas = [
-            (BOOT_GDT_START, 0x20),
+            (BOOT_GDT_START, BOOT_GDT_MAX_ENTRIES * 8),
             (BOOT_IDT_START, 0x8),
             (PVH_START_INFO, PVH_MODLIST - PVH_START_INFO),
             (PVH_MODLIST, PVH_MEMMAP - PVH_MODLIST),

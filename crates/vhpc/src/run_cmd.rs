@@ -129,7 +129,7 @@ pub fn run(args: RunArgs) -> anyhow::Result<i32> {
         VmOutcome::Panic => {
             let saved = save_log(&log.contents());
             eprintln!("vhpc: the guest kernel panicked; console log: {saved}");
-            print_tail(&log.contents(), 30);
+            print_panic_report(&log.contents(), 40);
             exit_codes::GUEST_PANIC
         }
         VmOutcome::TimedOut => {
@@ -154,10 +154,16 @@ fn save_log(contents: &[u8]) -> String {
     }
 }
 
-fn print_tail(contents: &[u8], lines: usize) {
+/// Prints the panic report from its "Kernel panic" line on (the reason, then the backtrace),
+/// at most `max` lines; the whole log is in the kept file.
+fn print_panic_report(contents: &[u8], max: usize) {
     let text = String::from_utf8_lossy(contents);
     let all: Vec<&str> = text.lines().collect();
-    for line in &all[all.len().saturating_sub(lines)..] {
+    let start = all
+        .iter()
+        .rposition(|l| l.contains("Kernel panic - not syncing"))
+        .unwrap_or(all.len().saturating_sub(max));
+    for line in all[start..].iter().take(max) {
         eprintln!("  | {line}");
     }
 }

@@ -127,17 +127,30 @@ fn vmm_rss_kib(pid: u32, guest_mib: u64) -> u64 {
     total
 }
 
-/// Waits for `pid` and returns its peak RSS in KiB (wait4's ru_maxrss).
-fn reap_peak_rss(pid: u32) -> anyhow::Result<u64> {
+/// Waits for `pid` (killing it if it has not exited by `deadline`) and returns its peak RSS in
+/// KiB (wait4's ru_maxrss).
+fn reap_peak_rss(pid: u32, deadline: Instant) -> anyhow::Result<u64> {
     let mut status = 0;
     // SAFETY: all-zero is a valid rusage; wait4 fills it in.
     let mut usage: libc::rusage = unsafe { std::mem::zeroed() };
-    // SAFETY: waits for our own unreaped child; both out-pointers are valid for the call.
-    let r = unsafe { libc::wait4(pid as libc::pid_t, &mut status, 0, &mut usage) };
-    if r < 0 {
-        bail!("wait4 failed: {}", std::io::Error::last_os_error());
+    loop {
+        let flags = if Instant::now() < deadline {
+            libc::WNOHANG
+        } else {
+            0
+        };
+        if flags == 0 {
+            // SAFETY: kill(2) of our own child, not yet reaped.
+            unsafe { libc::kill(pid as libc::pid_t, libc::SIGKILL) };
+        }
+        // SAFETY: waits for our own unreaped child; both out-pointers are valid for the call.
+        let r = unsafe { libc::wait4(pid as libc::pid_t, &mut status, flags, &mut usage) };
+        match r {
+            0 => std::thread::sleep(Duration::from_millis(20)),
+            r if r < 0 => bail!("wait4 failed: {}", std::io::Error::last_os_error()),
+            _ => return Ok(usage.ru_maxrss as u64),
+        }
     }
-    Ok(usage.ru_maxrss as u64)
 }
 
 fn boot_once(c: Contender, g: &Guest, vhpc: &Path) -> anyhow::Result<Sample> {
@@ -164,11 +177,13 @@ fn boot_once(c: Contender, g: &Guest, vhpc: &Path) -> anyhow::Result<Sample> {
         }
     });
     let seen = rx.recv_timeout(Duration::from_secs(300));
-    if seen.is_err() {
-        // SAFETY: kill(2) of our own child, not yet reaped.
-        unsafe { libc::kill(pid as libc::pid_t, libc::SIGKILL) };
-    }
-    let peak_rss_kib = reap_peak_rss(pid)?;
+    // After /init the guest runs `true` and powers off; a VMM that does not exit is killed.
+    let grace = if seen.is_ok() {
+        Duration::from_secs(120)
+    } else {
+        Duration::ZERO
+    };
+    let peak_rss_kib = reap_peak_rss(pid, Instant::now() + grace)?;
     let _ = reader.join();
     drop(child); // reaped by wait4 above; dropping a Child does not wait
     let (to_init, vmm_rss_kib) =

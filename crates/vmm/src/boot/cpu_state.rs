@@ -160,14 +160,18 @@ pub fn reset_fpu() -> kvm_fpu {
 mod tests {
     use super::*;
 
+    use vhpc_api::MemoryConfig;
+
     #[test]
     fn boot_gdts_fit_below_the_idt() {
         let room = layout::BOOT_GDT_MAX_ENTRIES as usize;
         assert!(boot_gdt().len() <= room);
         assert!(crate::boot::pvh::pvh_gdt().len() <= room);
-        assert_eq!(layout::BOOT_GDT_START + room as u64 * 8, layout::BOOT_IDT_START);
+        assert_eq!(
+            layout::BOOT_GDT_START + room as u64 * 8,
+            layout::BOOT_IDT_START
+        );
     }
-    use vhpc_api::MemoryConfig;
 
     #[test]
     fn gdt_entries_encode_flat_segments() {

@@ -31,6 +31,9 @@ fn existing(path: PathBuf, what: &str, fix: &str) -> anyhow::Result<PathBuf> {
     if !path.exists() {
         bail!("{what} {} does not exist{fix}", path.display());
     }
+    if path.is_dir() {
+        bail!("{what} {} is a directory, not a file", path.display());
+    }
     std::fs::File::open(&path).with_context(|| format!("cannot read {what} {}", path.display()))?;
     Ok(path)
 }

@@ -62,6 +62,14 @@ fn missing_kernel() {
 }
 
 #[test]
+fn kernel_that_is_a_directory() {
+    assert_one_line_error(
+        &["--kernel", "/tmp", "--initrd", "/dev/null"],
+        "kernel /tmp is a directory, not a file",
+    );
+}
+
+#[test]
 fn missing_initramfs() {
     let kernel = temp_file(b"x");
     let k = kernel.path().to_str().expect("utf-8 path");

@@ -78,6 +78,39 @@ fn boots_with_one_vcpu_and_sees_its_memory() {
 
 #[test]
 #[ignore = "lab test: boots emulated hosts; run by scripts/test.sh"]
+fn hugepage_backed_prefaulted_guest() {
+    // 160 pages reserved; a prefaulted 256 MiB guest takes 128 of them for as long as it runs.
+    let run = lab(
+        2,
+        "echo 160 > /proc/sys/vm/nr_hugepages; \
+         vhpc run --memory 256 --hugepages --prefault -- sh -c 'echo guest=up; sleep 8' & \
+         used=0; for i in $(seq 100); do \
+           free=$(sed -n 's/^HugePages_Free: *//p' /proc/meminfo); \
+           if [ $((160 - free)) -ge 128 ]; then used=$((160 - free)); break; fi; sleep 0.2; \
+         done; echo used=$used; wait $!; echo status=$?; \
+         vhpc run --memory 255 --hugepages -- true; echo odd=$?",
+    );
+    assert_eq!(run.status, 0);
+    assert_eq!(
+        field(&run, "used"),
+        "128",
+        "hugepages held by the running guest"
+    );
+    assert_eq!(field(&run, "status"), "0");
+    assert!(run.stdout.contains("guest=up"));
+    assert_eq!(
+        field(&run, "odd"),
+        "125",
+        "255 MiB is not whole 2 MiB pages"
+    );
+    assert!(
+        run.stderr.contains("multiple of 2"),
+        "clear error for odd sizes"
+    );
+}
+
+#[test]
+#[ignore = "lab test: boots emulated hosts; run by scripts/test.sh"]
 fn boots_with_two_vcpus_and_sees_both() {
     let run = lab(
         2,

@@ -99,6 +99,17 @@ fn check_hugepages_backed(
     }
 }
 
+/// A plain guest memory of `mib` MiB for unit tests.
+#[cfg(test)]
+pub(crate) fn test_memory(mib: u64) -> GuestMemory {
+    create(&MemoryConfig {
+        size_mib: mib,
+        hugepages: false,
+        prefault: false,
+    })
+    .expect("map guest memory")
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -162,16 +162,7 @@ pub fn restore_memory(mem: &GuestMemory, saved: &[MemoryRegionState]) -> Result<
 #[cfg(test)]
 mod tests {
     use super::*;
-    use vhpc_api::MemoryConfig;
-
-    fn memory(mib: u64) -> GuestMemory {
-        crate::memory::create(&MemoryConfig {
-            size_mib: mib,
-            hugepages: false,
-            prefault: false,
-        })
-        .expect("map guest memory")
-    }
+    use crate::memory::test_memory as memory;
 
     #[test]
     fn memory_round_trips() {

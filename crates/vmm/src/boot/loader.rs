@@ -164,17 +164,8 @@ fn initramfs_address(
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::memory::test_memory as memory;
     use std::io::Write;
-    use vhpc_api::MemoryConfig;
-
-    fn memory(mib: u64) -> GuestMemory {
-        crate::memory::create(&MemoryConfig {
-            size_mib: mib,
-            hugepages: false,
-            prefault: false,
-        })
-        .expect("map guest memory")
-    }
 
     fn temp_file(bytes: &[u8]) -> tempfile::NamedTempFile {
         let mut f = tempfile::NamedTempFile::new().expect("temp file");

@@ -118,17 +118,8 @@ pub fn write(mem: &GuestMemory, params: &boot_params) -> Result<(), BootError> {
 mod tests {
     use super::*;
     use crate::boot::KernelFormat;
+    use crate::memory::test_memory as memory;
     use linux_loader::bootparam::setup_header;
-    use vhpc_api::MemoryConfig;
-
-    fn memory(mib: u64) -> GuestMemory {
-        crate::memory::create(&MemoryConfig {
-            size_mib: mib,
-            hugepages: false,
-            prefault: false,
-        })
-        .expect("map guest memory")
-    }
 
     fn bzimage_kernel() -> LoadedKernel {
         let hdr = setup_header {

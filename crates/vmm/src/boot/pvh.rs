@@ -174,16 +174,7 @@ pub fn entry_regs(entry: u64) -> kvm_regs {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use vhpc_api::MemoryConfig;
-
-    fn memory(mib: u64) -> GuestMemory {
-        crate::memory::create(&MemoryConfig {
-            size_mib: mib,
-            hugepages: false,
-            prefault: false,
-        })
-        .expect("map guest memory")
-    }
+    use crate::memory::test_memory as memory;
 
     #[test]
     fn start_info_has_the_abi_layout() {

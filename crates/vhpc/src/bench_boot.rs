@@ -13,6 +13,7 @@ use std::time::{Duration, Instant};
 use anyhow::{Context, bail};
 use vhpc_image::cache::Cache;
 
+use crate::bench_measure::{Reap, reap, stats, vmm_rss_kib};
 use crate::cli::BenchBootArgs;
 use crate::run_cmd::default_cmdline;
 
@@ -107,52 +108,6 @@ fn command(c: Contender, g: &Guest, vhpc: &Path) -> Command {
     cmd
 }
 
-/// Sum of Rss over every mapping smaller than guest RAM: the VMM's own memory.
-fn vmm_rss_kib(pid: u32, guest_mib: u64) -> u64 {
-    let Ok(smaps) = std::fs::read_to_string(format!("/proc/{pid}/smaps")) else {
-        return 0;
-    };
-    let guest_kib = guest_mib * 1024;
-    let (mut total, mut mapping_kib) = (0, 0);
-    for line in smaps.lines() {
-        let mut words = line.split_whitespace();
-        match (words.next(), words.next()) {
-            (Some("Size:"), Some(v)) => mapping_kib = v.parse().unwrap_or(0),
-            (Some("Rss:"), Some(v)) if mapping_kib < guest_kib => {
-                total += v.parse::<u64>().unwrap_or(0)
-            }
-            _ => {}
-        }
-    }
-    total
-}
-
-/// Waits for `pid` (killing it if it has not exited by `deadline`) and returns its peak RSS in
-/// KiB (wait4's ru_maxrss).
-fn reap_peak_rss(pid: u32, deadline: Instant) -> anyhow::Result<u64> {
-    let mut status = 0;
-    // SAFETY: all-zero is a valid rusage; wait4 fills it in.
-    let mut usage: libc::rusage = unsafe { std::mem::zeroed() };
-    loop {
-        let flags = if Instant::now() < deadline {
-            libc::WNOHANG
-        } else {
-            0
-        };
-        if flags == 0 {
-            // SAFETY: kill(2) of our own child, not yet reaped.
-            unsafe { libc::kill(pid as libc::pid_t, libc::SIGKILL) };
-        }
-        // SAFETY: waits for our own unreaped child; both out-pointers are valid for the call.
-        let r = unsafe { libc::wait4(pid as libc::pid_t, &mut status, flags, &mut usage) };
-        match r {
-            0 => std::thread::sleep(Duration::from_millis(20)),
-            r if r < 0 => bail!("wait4 failed: {}", std::io::Error::last_os_error()),
-            _ => return Ok(usage.ru_maxrss as u64),
-        }
-    }
-}
-
 fn boot_once(c: Contender, g: &Guest, vhpc: &Path) -> anyhow::Result<Sample> {
     let start = Instant::now();
     let mut child = command(c, g, vhpc)
@@ -172,7 +127,7 @@ fn boot_once(c: Contender, g: &Guest, vhpc: &Path) -> anyhow::Result<Sample> {
             let Ok(line) = line else { break };
             if !seen && line.contains(INIT_LINE) {
                 seen = true;
-                let _ = tx.send((start.elapsed(), vmm_rss_kib(pid, guest_mib)));
+                let _ = tx.send((start.elapsed(), vmm_rss_kib(pid, guest_mib).unwrap_or(0)));
             }
         }
     });
@@ -183,7 +138,7 @@ fn boot_once(c: Contender, g: &Guest, vhpc: &Path) -> anyhow::Result<Sample> {
     } else {
         Duration::ZERO
     };
-    let peak_rss_kib = reap_peak_rss(pid, Instant::now() + grace)?;
+    let peak_rss_kib = reap(pid, Reap::KillAfter(Instant::now() + grace))?.peak_rss_kib;
     let _ = reader.join();
     drop(child); // reaped by wait4 above; dropping a Child does not wait
     let (to_init, vmm_rss_kib) =
@@ -195,17 +150,8 @@ fn boot_once(c: Contender, g: &Guest, vhpc: &Path) -> anyhow::Result<Sample> {
     })
 }
 
-fn median(mut v: Vec<f64>) -> f64 {
-    v.sort_by(f64::total_cmp);
-    let n = v.len();
-    if n == 0 {
-        return f64::NAN;
-    }
-    if n % 2 == 1 {
-        v[n / 2]
-    } else {
-        (v[n / 2 - 1] + v[n / 2]) / 2.0
-    }
+fn median(v: Vec<f64>) -> f64 {
+    stats(v).0
 }
 
 fn prepare_guest(args: &BenchBootArgs, dir: &Path) -> anyhow::Result<Guest> {
@@ -291,26 +237,5 @@ fn print_table(samples: &[(Contender, Sample)], runs: u32) {
             t / q35_t,
             m / q35_m
         );
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn median_of_odd_and_even_counts() {
-        assert_eq!(median(vec![3.0, 1.0, 2.0]), 2.0);
-        assert_eq!(median(vec![4.0, 1.0, 3.0, 2.0]), 2.5);
-        assert!(median(vec![]).is_nan());
-    }
-
-    #[test]
-    fn vmm_rss_of_this_process_excludes_nothing_small() {
-        // This test process has no mapping as large as 1 TiB: everything counts.
-        let rss = vmm_rss_kib(std::process::id(), 1 << 20);
-        assert!(rss > 100, "own RSS {rss} KiB");
-        // With a 1 MiB "guest", mappings of 1 MiB and more are left out.
-        assert!(vmm_rss_kib(std::process::id(), 1) <= rss);
     }
 }

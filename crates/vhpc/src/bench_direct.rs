@@ -23,6 +23,7 @@ use anyhow::{Context, bail};
 use vhpc_api::{MemoryConfig, VmConfig};
 use vhpc_vmm::{Vm, VmIo, VmOutcome};
 
+use crate::bench_measure::{Reap, reap, stats, vmm_rss_kib};
 use crate::cli::BenchDirectArgs;
 
 const QEMU: &str = "qemu-system-x86_64";
@@ -93,46 +94,6 @@ fn command(c: Contender, s: &Setup, cmdline: &str) -> Command {
 
 /// RSS of the process minus the RSS of its guest-memory mapping (the mappings at least as
 /// large as guest RAM), in KiB.
-fn vmm_rss_kib(pid: u32, guest_mib: u64) -> anyhow::Result<u64> {
-    let smaps = std::fs::read_to_string(format!("/proc/{pid}/smaps"))
-        .with_context(|| format!("cannot read /proc/{pid}/smaps"))?;
-    Ok(vmm_rss_from_smaps(&smaps, guest_mib * 1024))
-}
-
-fn vmm_rss_from_smaps(smaps: &str, guest_kib: u64) -> u64 {
-    let (mut total, mut size) = (0, 0);
-    for line in smaps.lines() {
-        let mut words = line.split_whitespace();
-        match (
-            words.next(),
-            words.next().and_then(|v| v.parse::<u64>().ok()),
-        ) {
-            (Some("Size:"), Some(v)) => size = v,
-            (Some("Rss:"), Some(v)) if size < guest_kib => total += v,
-            _ => {}
-        }
-    }
-    total
-}
-
-/// Kills (if asked) and reaps our child `pid`; returns its CPU time (user + system).
-fn reap(pid: u32, kill: bool) -> anyhow::Result<Duration> {
-    if kill {
-        // SAFETY: kill(2) of our own child, which is not reaped yet.
-        unsafe { libc::kill(pid as libc::pid_t, libc::SIGKILL) };
-    }
-    let mut status = 0;
-    // SAFETY: all-zero is a valid rusage; wait4 fills it in.
-    let mut usage: libc::rusage = unsafe { std::mem::zeroed() };
-    // SAFETY: waits for our own unreaped child; both out-pointers are valid for the call.
-    let r = unsafe { libc::wait4(pid as libc::pid_t, &mut status, 0, &mut usage) };
-    if r < 0 {
-        bail!("wait4 failed: {}", std::io::Error::last_os_error());
-    }
-    let tv = |t: libc::timeval| Duration::new(t.tv_sec as u64, t.tv_usec as u32 * 1000);
-    Ok(tv(usage.ru_utime) + tv(usage.ru_stime))
-}
-
 /// Spawns the contender, returns when its console shows `until` (or fails after TIMEOUT):
 /// (time of the first guest line, pid, the child).
 fn spawn_until(
@@ -168,7 +129,7 @@ fn spawn_until(
     match rx.recv_timeout(TIMEOUT) {
         Ok(t) => Ok((t, child)),
         Err(_) => {
-            let _ = reap(child.id(), true);
+            let _ = reap(child.id(), Reap::Kill);
             bail!("{} did not print {until:?} within {TIMEOUT:?}", c.name())
         }
     }
@@ -182,7 +143,7 @@ struct BootSample {
 fn boot_sample(c: Contender, s: &Setup) -> anyhow::Result<BootSample> {
     let (first_line, child) = spawn_until(c, s, "halt", "halt")?;
     let rss = vmm_rss_kib(child.id(), s.memory_mib);
-    reap(child.id(), true)?;
+    reap(child.id(), Reap::Kill)?;
     Ok(BootSample {
         first_line,
         vmm_rss_kib: rss?,
@@ -197,7 +158,7 @@ struct LifecycleSample {
 fn lifecycle_sample(c: Contender, s: &Setup) -> anyhow::Result<LifecycleSample> {
     let start = Instant::now();
     let (_, child) = spawn_until(c, s, "exit=0", vhpc_testguest::FIRST_LINE)?;
-    let cpu = reap(child.id(), false)?;
+    let cpu = reap(child.id(), Reap::Wait)?.cpu;
     Ok(LifecycleSample {
         wall: start.elapsed(),
         cpu,
@@ -233,21 +194,6 @@ fn in_process_lifecycle(s: &Setup) -> anyhow::Result<Duration> {
         bail!("in-process VM ended with {outcome:?}");
     }
     Ok(took)
-}
-
-/// (median, min, max).
-fn stats(mut v: Vec<f64>) -> (f64, f64, f64) {
-    v.sort_by(f64::total_cmp);
-    let n = v.len();
-    if n == 0 {
-        return (f64::NAN, f64::NAN, f64::NAN);
-    }
-    let median = if n % 2 == 1 {
-        v[n / 2]
-    } else {
-        (v[n / 2 - 1] + v[n / 2]) / 2.0
-    };
-    (median, v[0], v[n - 1])
 }
 
 /// The test guest embedded in this binary, as a file QEMU can read too.
@@ -381,24 +327,4 @@ fn print_results(
         "\nvhpc in-process VM lifecycle (Vm::boot → guest exit → teardown, no process start): {m:.2} ms ({lo:.2}–{hi:.2}), {:.0} VMs/s on one thread",
         1000.0 / m
     );
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn stats_are_median_min_max() {
-        assert_eq!(stats(vec![3.0, 1.0, 2.0]), (2.0, 1.0, 3.0));
-        assert_eq!(stats(vec![4.0, 1.0, 3.0, 2.0]), (2.5, 1.0, 4.0));
-        assert!(stats(vec![]).0.is_nan());
-    }
-
-    #[test]
-    fn guest_memory_is_left_out_of_vmm_rss() {
-        let smaps = "55d0-55e0 r-xp 0 00:00 0 /vhpc\nSize: 64 kB\nRss: 60 kB\n\
-                     7f00-7f10 rw-p 0 00:00 0\nSize: 262144 kB\nRss: 1024 kB\n\
-                     7f20-7f30 rw-p 0 00:00 0\nSize: 132 kB\nRss: 12 kB\n";
-        assert_eq!(vmm_rss_from_smaps(smaps, 256 * 1024), 72);
-    }
 }

@@ -3,6 +3,7 @@
 
 mod bench_boot;
 mod bench_direct;
+mod bench_measure;
 mod cli;
 mod exit_codes;
 mod image_cmd;

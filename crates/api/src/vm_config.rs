@@ -4,6 +4,8 @@ use std::path::PathBuf;
 
 use serde::{Deserialize, Serialize};
 
+use crate::{DiskConfig, DiskConfigError};
+
 /// Guest memory options.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub struct MemoryConfig {
@@ -29,6 +31,9 @@ pub struct VmConfig {
     pub initramfs: Option<PathBuf>,
     /// The kernel command line.
     pub cmdline: String,
+    /// virtio-blk disks, in the order the guest sees them (vda, vdb, ...).
+    #[serde(default)]
+    pub disks: Vec<DiskConfig>,
 }
 
 /// Limits the host imposes on a VM, measured at run time.
@@ -53,7 +58,14 @@ pub enum ConfigError {
     TooMuchMemory { requested: u64, host: u64 },
     #[error("the kernel command line is empty")]
     EmptyCmdline,
+    #[error("{count} disks requested, but at most {max} fit on the VM's PCI bus")]
+    TooManyDisks { count: usize, max: usize },
+    #[error(transparent)]
+    Disk(#[from] DiskConfigError),
 }
+
+/// Disks per VM: PCI bus 0 has 31 slots besides the host bridge; keep room for other devices.
+pub const MAX_DISKS: usize = 24;
 
 /// The smallest guest the boot layout fits in (page tables, ACPI, a kernel and an initramfs).
 pub const MIN_MEMORY_MIB: u64 = 16;
@@ -86,6 +98,15 @@ impl VmConfig {
         if self.cmdline.trim().is_empty() {
             return Err(ConfigError::EmptyCmdline);
         }
+        if self.disks.len() > MAX_DISKS {
+            return Err(ConfigError::TooManyDisks {
+                count: self.disks.len(),
+                max: MAX_DISKS,
+            });
+        }
+        for disk in &self.disks {
+            disk.validate()?;
+        }
         Ok(())
     }
 }
@@ -105,6 +126,7 @@ mod tests {
             kernel: PathBuf::from("/k"),
             initramfs: None,
             cmdline: "console=ttyS0".into(),
+            disks: Vec::new(),
         }
     }
 

@@ -56,6 +56,14 @@ impl Range {
     }
 }
 
+/// Everything a vCPU exit can reach: the port-I/O devices and the PCI bus (its config ports
+/// are on the port-I/O bus too; its devices' BARs are the MMIO space).
+#[derive(Default)]
+pub struct Buses {
+    pub pio: PioBus,
+    pub pci: Arc<crate::pci::PciBus>,
+}
+
 /// Port ranges, keyed by base port, never overlapping.
 #[derive(Default)]
 pub struct PioBus {

@@ -6,10 +6,16 @@
 //! - [`rtc`] the CMOS real-time clock (without it Linux spends seconds probing);
 //! - [`acpi_pm`] the ACPI hardware-reduced sleep and reset registers (power-off, reboot);
 //! - [`debug_exit`] the debug-exit port test guests end the VM through, with a status;
-//! - [`bus`] the port-I/O bus the vCPU threads dispatch `KVM_EXIT_IO` to.
+//! - [`bus`] the port-I/O bus the vCPU threads dispatch `KVM_EXIT_IO` to;
 //!
-//! Nothing here talks to KVM: interrupts leave as eventfds (the VMM registers them as irqfds)
-//! and power requests as [`PowerEvent`]s.
+//! and on PCI:
+//! - [`pci`] the root bus with its host bridge (config mechanism #1 at 0xCF8), MSI-X;
+//! - [`virtio`] the virtio-pci transport and virtio-blk.
+//!
+//! Nothing here talks to KVM: interrupts leave as eventfds (the VMM registers them as irqfds,
+//! and routes MSI-X vectors through [`pci::msix::MsiRouter`]), queue notifications arrive as
+//! eventfds (the VMM registers them as ioeventfds), and power requests leave as
+//! [`PowerEvent`]s.
 //!
 //! Every register access comes from the guest, so no access may panic: unexpected accesses are
 //! ignored (reads return all-ones or zero as real hardware would), and failures are logged once
@@ -19,8 +25,10 @@ pub mod acpi_pm;
 pub mod bus;
 pub mod debug_exit;
 pub mod i8042;
+pub mod pci;
 pub mod rtc;
 pub mod serial;
+pub mod virtio;
 
 /// A device on the port-I/O bus.
 pub trait PioDevice: Send {

@@ -177,6 +177,7 @@ fn in_process_lifecycle(s: &Setup) -> anyhow::Result<Duration> {
         kernel: s.guest.clone(),
         initramfs: None,
         cmdline: "exit=0".into(),
+        disks: Vec::new(),
     };
     let io = VmIo {
         console: Box::new(std::io::sink()),

@@ -58,6 +58,10 @@ pub struct RunArgs {
     /// Stop the VM (exit status 124) if it runs longer than this many seconds.
     #[arg(long)]
     pub timeout: Option<u64>,
+    /// Attach a raw disk image as a virtio-blk disk (repeatable: /dev/vda, /dev/vdb, ...);
+    /// `,ro` makes it read-only.
+    #[arg(long = "disk", value_name = "PATH[,ro]")]
+    pub disks: Vec<vhpc_api::DiskConfig>,
     /// The command to run in the guest.
     #[arg(last = true, required = true)]
     pub command: Vec<String>,

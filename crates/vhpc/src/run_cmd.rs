@@ -79,6 +79,7 @@ fn vm_config(args: &RunArgs) -> anyhow::Result<VmConfig> {
             .cmdline
             .clone()
             .unwrap_or_else(|| default_cmdline(args.console)),
+        disks: args.disks.clone(),
     })
 }
 

@@ -177,3 +177,58 @@ fn lab_relays_status_of_the_host_command() {
     assert_eq!(run.status, 3);
     assert!(run.stdout.contains("in-host"));
 }
+
+/// virtio-blk end to end, in one emulated host: boot 1 writes 1 MiB of random data to a
+/// read-write disk (vda) and syncs, sees a second, read-only disk as vdb and fails to write
+/// it; boot 2 reads vda back with the same checksum; the host reads the same bytes from the
+/// image file.
+#[test]
+#[ignore = "lab test: boots emulated hosts; run by scripts/test.sh"]
+fn disks_keep_data_across_boots_and_read_only_refuses_writes() {
+    let run = lab(
+        2,
+        r#"set -e
+truncate -s 16M /tmp/a.img; truncate -s 8M /tmp/b.img
+printf 'untouched' | dd of=/tmp/b.img conv=notrunc 2>/dev/null
+vhpc run --disk /tmp/a.img --disk /tmp/b.img,ro -- sh -c '
+  dd if=/dev/urandom of=/tmp/p bs=4096 count=256 2>/dev/null
+  echo sum1=$(md5sum < /tmp/p | cut -d" " -f1)
+  dd if=/tmp/p of=/dev/vda bs=4096 count=256 2>/dev/null; sync
+  echo sizes=$(cat /sys/block/vda/size),$(cat /sys/block/vdb/size)
+  echo vdb_ro=$(cat /sys/block/vdb/ro)
+  if dd if=/dev/zero of=/dev/vdb bs=512 count=1 conv=fsync 2>/dev/null; then echo ro_write=accepted; else echo ro_write=refused; fi
+  echo vdb_head=$(head -c 9 /dev/vdb)'
+vhpc run --disk /tmp/a.img -- sh -c 'echo sum2=$(dd if=/dev/vda bs=4096 count=256 2>/dev/null | md5sum | cut -d" " -f1)'
+echo sum_host=$(dd if=/tmp/a.img bs=4096 count=256 2>/dev/null | md5sum | cut -d" " -f1)
+echo b_host=$(head -c 9 /tmp/b.img)"#,
+    );
+    assert_eq!(run.status, 0);
+    let sum = field(&run, "sum1");
+    assert_eq!(sum.len(), 32, "an md5 sum: {sum}");
+    assert_eq!(field(&run, "sum2"), sum, "read back in the next boot");
+    assert_eq!(field(&run, "sum_host"), sum, "the image file holds it");
+    assert_eq!(field(&run, "sizes"), "32768,16384");
+    assert_eq!(field(&run, "vdb_ro"), "1");
+    assert_eq!(field(&run, "ro_write"), "refused");
+    assert_eq!(field(&run, "vdb_head"), "untouched");
+    assert_eq!(field(&run, "b_host"), "untouched");
+}
+
+/// Data the guest wrote and synced is in the image when the VMM is killed (SIGKILL) right
+/// after: the guest's flush completes only after fdatasync on the image.
+#[test]
+#[ignore = "lab test: boots emulated hosts; run by scripts/test.sh"]
+fn data_a_guest_synced_survives_killing_the_vmm() {
+    let run = lab(
+        2,
+        r#"truncate -s 16M /tmp/k.img
+vhpc run --disk /tmp/k.img -- sh -c 'printf synced-before-kill | dd of=/dev/vda conv=fsync 2>/dev/null; sync; echo MARK; sleep 600' > /tmp/out 2>&1 &
+pid=$!
+i=0; while ! grep -q MARK /tmp/out && [ $i -lt 600 ]; do sleep 0.1; i=$((i+1)); done
+kill -9 $pid; wait $pid; echo killed=$?
+echo image=$(head -c 18 /tmp/k.img)"#,
+    );
+    assert_eq!(run.status, 0);
+    assert_eq!(field(&run, "killed"), "137", "the VMM died of SIGKILL");
+    assert_eq!(field(&run, "image"), "synced-before-kill");
+}

@@ -82,6 +82,35 @@ fn isa_device(path: &str, pnp_id: &str, uid: u8, port: u16, len: u8, irq: u32) -
     to_bytes(&aml::Device::new(path.into(), vec![&hid, &uid, &crs]))
 }
 
+/// The PCI host bridge `\_SB_.PCI0` (PNP0A03). With ACPI on, Linux finds PCI root buses only
+/// through the DSDT (it does not fall back to probing bus 0 by itself), then reaches their
+/// config space through mechanism #1 at 0xCF8 (no MCFG: no ECAM). `_CRS` gives the bus
+/// range, the config ports and the MMIO window our BARs lie in, so the kernel keeps them where
+/// the VMM put them. No `_PRT`: our devices use MSI-X only (interrupt pin 0).
+fn pci_host_bridge(mmio_start: u64, mmio_end: u64) -> Vec<u8> {
+    let buses = aml::AddressSpace::new_bus_number(0u16, 0u16);
+    let config_ports = aml::IO::new(0xcf8, 0xcf8, 1, 8);
+    let window = aml::AddressSpace::new_memory(
+        aml::AddressSpaceCacheable::NotCacheable,
+        true,
+        mmio_start as u32,
+        (mmio_end - 1) as u32,
+        None,
+    );
+    let crs = aml::ResourceTemplate::new(vec![&buses, &config_ports, &window]);
+    let hid = aml::EISAName::new("PNP0A03");
+    let hid = aml::Name::new("_HID".into(), &hid);
+    let adr = aml::Name::new("_ADR".into(), &aml::ZERO);
+    let seg = aml::Name::new("_SEG".into(), &aml::ZERO);
+    let uid = aml::Name::new("_UID".into(), &aml::ZERO);
+    let bbn = aml::Name::new("_BBN".into(), &aml::ZERO);
+    let crs = aml::Name::new("_CRS".into(), &crs);
+    to_bytes(&aml::Device::new(
+        "_SB_.PCI0".into(),
+        vec![&hid, &adr, &seg, &uid, &bbn, &crs],
+    ))
+}
+
 fn dsdt() -> Vec<u8> {
     // _S5_: {SLP_TYPa, SLP_TYPb, reserved, reserved}; the kernel writes SLP_TYPa.
     let s5_type = acpi_pm::S5_SLEEP_TYPE;
@@ -105,6 +134,10 @@ fn dsdt() -> Vec<u8> {
         COM2_IRQ,
     ));
     body.extend(isa_device("_SB_.RTC_", "PNP0B00", 0, RTC_PORT, 2, RTC_IRQ));
+    body.extend(pci_host_bridge(
+        crate::layout::PCI_MMIO_START,
+        crate::layout::PCI_MMIO_END,
+    ));
     let header_len = 36;
     let mut sdt = Sdt::new(
         *b"DSDT",
@@ -336,6 +369,33 @@ mod tests {
             let ext_irq = [0x89, 6, 0, 0x03, 1, irq, 0, 0, 0];
             assert!(rest.windows(9).any(|w| w == ext_irq), "{name:?} irq");
         }
+    }
+
+    #[test]
+    fn dsdt_declares_the_pci_host_bridge_and_its_window() {
+        let t = build(&config(1), BASE).unwrap();
+        let xsdt = table(&t, u64_at(&t.bytes, 24));
+        let fadt = table(&t, u64_at(xsdt, 36));
+        let body = &table(&t, u64_at(fadt, 140))[36..];
+        let at = body.windows(4).position(|w| w == b"PCI0").expect("PCI0");
+        let rest = &body[at..];
+        // EISA ID of PNP0A03, compressed: 0x41d0, 0x0a03.
+        assert!(
+            rest.windows(4).any(|w| w == [0x41, 0xd0, 0x0a, 0x03]),
+            "_HID"
+        );
+        // DWord memory descriptor (0x87) with min 0xc0000000 and max 0xfebfffff.
+        let min = 0xc000_0000u32.to_le_bytes();
+        let max = 0xfebf_ffffu32.to_le_bytes();
+        let window = rest
+            .windows(18)
+            .any(|w| w[0] == 0x87 && w[10..14] == min && w[14..18] == max);
+        assert!(window, "MMIO window in _CRS");
+        // The config ports 0xcf8..0xcff.
+        assert!(
+            rest.windows(8)
+                .any(|w| w == [0x47, 1, 0xf8, 0x0c, 0xf8, 0x0c, 1, 8])
+        );
     }
 
     #[test]

@@ -8,7 +8,7 @@
 //! 0x0000_8ff0  boot stack top               0x0002_0000  kernel command line
 //! 0x0009_fc00  EBDA .. 0x000f_ffff          reserved (ACPI tables at 0x000e_0000)
 //! 0x0010_0000  kernel (bzImage protected-mode code, or vmlinux segments), then RAM
-//! 0xc000_0000  MMIO hole to 4 GiB: PCI (later), IOAPIC 0xfec0_0000, LAPIC 0xfee0_0000
+//! 0xc000_0000  MMIO hole to 4 GiB: PCI BARs to 0xfec0_0000, IOAPIC 0xfec0_0000, LAPIC 0xfee0_0000
 //! 0x1_0000_0000  RAM above the hole, when the guest has more than 3 GiB
 //! ```
 
@@ -40,6 +40,10 @@ pub const HIGH_RAM_START: u64 = 0x10_0000;
 /// Start of the 32-bit MMIO hole; guest RAM stops here and resumes at 4 GiB.
 pub const MMIO_HOLE_START: u64 = 0xc000_0000;
 pub const MMIO_HOLE_END: u64 = 0x1_0000_0000;
+/// The window PCI BARs are placed in (and the host bridge's _CRS declares): the MMIO hole
+/// below the IOAPIC.
+pub const PCI_MMIO_START: u64 = MMIO_HOLE_START;
+pub const PCI_MMIO_END: u64 = IOAPIC_ADDR as u64;
 pub const IOAPIC_ADDR: u32 = 0xfec0_0000;
 pub const LAPIC_ADDR: u32 = 0xfee0_0000;
 

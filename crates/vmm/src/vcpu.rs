@@ -23,7 +23,7 @@ use std::time::Duration;
 
 use kvm_bindings::kvm_run;
 use kvm_ioctls::{VcpuExit, VcpuFd};
-use vhpc_devices::bus::PioBus;
+use vhpc_devices::bus::Buses;
 use vmm_sys_util::signal::{Killable, SIGRTMIN, register_signal_handler};
 
 use crate::events::VmEvent;
@@ -110,9 +110,11 @@ pub fn install_kick_handler() -> Result<(), vmm_sys_util::errno::Error> {
     result
 }
 
-/// Handles one KVM exit: port I/O goes to the bus (reads of ports nobody owns return all-ones,
-/// as on real hardware), MMIO nobody owns reads all-ones, and exits that end the VM say why.
-pub fn handle_exit(index: u32, exit: VcpuExit<'_>, io: &PioBus) -> ExitAction {
+/// Handles one KVM exit: port I/O goes to the port bus (reads of ports nobody owns return
+/// all-ones, as on real hardware), MMIO to the PCI devices' BARs (MMIO nobody owns reads
+/// all-ones), and exits that end the VM say why.
+pub fn handle_exit(index: u32, exit: VcpuExit<'_>, buses: &Buses) -> ExitAction {
+    let io = &buses.pio;
     match exit {
         VcpuExit::IoIn(port, data) => {
             if !io.read(port, data) {
@@ -129,12 +131,16 @@ pub fn handle_exit(index: u32, exit: VcpuExit<'_>, io: &PioBus) -> ExitAction {
             ExitAction::Continue
         }
         VcpuExit::MmioRead(addr, data) => {
-            log::debug!("vcpu{index}: read of unhandled MMIO {addr:#x}");
-            data.fill(0xff);
+            if !buses.pci.mmio_read(addr, data) {
+                log::debug!("vcpu{index}: read of unhandled MMIO {addr:#x}");
+                data.fill(0xff);
+            }
             ExitAction::Continue
         }
-        VcpuExit::MmioWrite(addr, _) => {
-            log::debug!("vcpu{index}: write to unhandled MMIO {addr:#x}");
+        VcpuExit::MmioWrite(addr, data) => {
+            if !buses.pci.mmio_write(addr, data) {
+                log::debug!("vcpu{index}: write to unhandled MMIO {addr:#x}");
+            }
             ExitAction::Continue
         }
         // Without an in-kernel irqchip a halted vCPU with interrupts off can never wake up.
@@ -178,7 +184,7 @@ impl VcpuHandle {
     pub fn spawn(
         index: u32,
         fd: VcpuFd,
-        io: Arc<PioBus>,
+        io: Arc<Buses>,
         events: Sender<VmEvent>,
         caps: Arc<VcpuStateCaps>,
     ) -> std::io::Result<Self> {
@@ -266,7 +272,7 @@ impl VcpuHandle {
 struct VcpuThread {
     index: u32,
     fd: VcpuFd,
-    io: Arc<PioBus>,
+    io: Arc<Buses>,
     events: Sender<VmEvent>,
     requests: Receiver<VcpuRequest>,
     replies: Sender<VcpuReply>,
@@ -397,10 +403,10 @@ mod tests {
         }
     }
 
-    fn bus() -> (PioBus, Arc<Mutex<Echo>>) {
+    fn bus() -> (Buses, Arc<Mutex<Echo>>) {
         let dev = Arc::new(Mutex::new(Echo(Vec::new())));
-        let mut bus = PioBus::default();
-        bus.insert(0x3f8, 8, dev.clone()).expect("insert");
+        let mut bus = Buses::default();
+        bus.pio.insert(0x3f8, 8, dev.clone()).expect("insert");
         (bus, dev)
     }
 

@@ -14,7 +14,7 @@ use kvm_bindings::{
 };
 use kvm_ioctls::{Kvm, VcpuFd, VmFd};
 use vhpc_api::{HostLimits, VmConfig};
-use vhpc_devices::bus::PioBus;
+use vhpc_devices::bus::{Buses, PioBus};
 use vhpc_devices::serial::{COM1_IRQ, COM1_PORT, COM2_IRQ, COM2_PORT, SERIAL_PORT_LEN, SerialPort};
 use vhpc_devices::{acpi_pm, debug_exit, i8042, rtc};
 use vm_memory::{Bytes, GuestAddress, GuestMemoryBackend as _, GuestMemoryRegion as _};
@@ -123,10 +123,11 @@ pub fn run(config: &VmConfig, io: VmIo) -> Result<(VmOutcome, ConsoleLog), VmErr
 /// or [`Vm::restore`] (from a [`VmState`]), started by [`Vm::start`], then paused, resumed,
 /// saved and watched until it ends; dropping it stops and joins every vCPU thread.
 pub struct Vm {
-    fd: VmFd,
+    /// Shared with the MSI router, which reprograms GSI routes from vCPU threads.
+    fd: Arc<VmFd>,
     mem: GuestMemory,
     caps: Arc<VcpuStateCaps>,
-    bus: Arc<PioBus>,
+    bus: Arc<Buses>,
     /// vCPU fds before [`Vm::start`]; their threads after.
     pending: Vec<VcpuFd>,
     vcpus: Vec<VcpuHandle>,
@@ -198,7 +199,7 @@ impl Vm {
             detail: e.to_string(),
         })?;
         let mem = memory::create(&config.memory)?;
-        let fd = kvm.create_vm().map_err(kvm_err("KVM_CREATE_VM"))?;
+        let fd = Arc::new(kvm.create_vm().map_err(kvm_err("KVM_CREATE_VM"))?);
         register_memory(&fd, &mem, 0)?;
         setup_irqchip(&fd)?;
         let caps =
@@ -206,7 +207,9 @@ impl Vm {
         let (events_tx, events_rx) = channel();
         let log = ConsoleLog::default();
         let console = ConsoleSink::new(console, log.clone(), events_tx.clone());
-        let bus = Arc::new(build_devices(&fd, Box::new(console), agent, &events_tx)?);
+        let mut pio = build_devices(&fd, Box::new(console), agent, &events_tx)?;
+        let pci = crate::pci_devices::build(&fd, &mem, &config.disks, &mut pio)?;
+        let bus = Arc::new(Buses { pio, pci });
         Ok(Vm {
             fd,
             mem,

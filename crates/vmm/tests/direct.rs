@@ -40,6 +40,7 @@ fn config(vcpus: u32, memory_mib: u64, cmdline: &str) -> VmConfig {
         kernel: vhpc_testguest::elf_path().to_path_buf(),
         initramfs: None,
         cmdline: cmdline.into(),
+        disks: Vec::new(),
     }
 }
 

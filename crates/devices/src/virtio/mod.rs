@@ -1,0 +1,77 @@
+//! Virtio 1.x devices on PCI.
+//!
+//! - [`pci_transport`] the modern virtio-pci transport (common, notify, ISR and device
+//!   configuration capabilities in BAR0, MSI-X table and PBA in the same BAR);
+//! - [`common_cfg`] the common configuration registers: feature negotiation, queue setup,
+//!   device status;
+//! - [`worker`] the thread that does a device's work, woken only by queue eventfds;
+//! - [`block`] virtio-blk on raw image files.
+//!
+//! A device is a [`VirtioBackend`] (identity, features, config space) that hands a
+//! [`QueueHandler`] to its worker thread when the driver sets DRIVER_OK. Everything the guest
+//! puts in a queue is untrusted: a malformed request is an error for that request, a broken
+//! ring an error for that device (DEVICE_NEEDS_RESET), never a panic.
+
+pub mod block;
+pub mod common_cfg;
+pub mod pci_transport;
+pub mod worker;
+
+use virtio_queue::Queue;
+use vm_memory::GuestMemoryMmap;
+
+/// Guest memory as devices see it.
+pub type GuestMemory = GuestMemoryMmap<()>;
+
+/// Feature bit: the device conforms to virtio 1.x (required by the modern transport).
+pub const VIRTIO_F_VERSION_1: u64 = 1 << 32;
+/// Feature bit: the driver may use indirect descriptor tables (virtio-queue follows them).
+pub const VIRTIO_RING_F_INDIRECT_DESC: u64 = 1 << 28;
+
+/// Device status bits (virtio 1.x §2.1).
+pub mod status {
+    pub const ACKNOWLEDGE: u8 = 1;
+    pub const DRIVER: u8 = 2;
+    pub const DRIVER_OK: u8 = 4;
+    pub const FEATURES_OK: u8 = 8;
+    pub const DEVICE_NEEDS_RESET: u8 = 0x40;
+    pub const FAILED: u8 = 0x80;
+}
+
+/// "No MSI-X vector" in the vector registers.
+pub const NO_VECTOR: u16 = 0xffff;
+
+/// A ring the device cannot use: the device stops and asks the driver to reset it.
+#[derive(Debug, thiserror::Error)]
+pub enum QueueError {
+    #[error("the driver's queue is unusable ({0}); the device needs a reset")]
+    Ring(virtio_queue::Error),
+}
+
+/// One virtio device type, independent of the transport.
+pub trait VirtioBackend: Send {
+    /// The virtio device ID (2 = block).
+    fn device_type(&self) -> u16;
+    /// The PCI class code (24 bits) the function reports.
+    fn pci_class(&self) -> u32;
+    /// Device-specific and ring features offered (the transport adds VERSION_1).
+    fn features(&self) -> u64;
+    /// The largest size of each queue.
+    fn queue_max_sizes(&self) -> Vec<u16>;
+    /// A read of the device-specific configuration space.
+    fn read_config(&self, offset: u64, data: &mut [u8]);
+    /// The driver set DRIVER_OK having accepted `features`: a handler for the worker thread.
+    fn activate(&mut self, features: u64) -> std::io::Result<Box<dyn QueueHandler>>;
+}
+
+/// What a device's worker thread runs when a queue is notified.
+pub trait QueueHandler: Send {
+    /// Processes what the driver made available on queue `index`. Returns whether anything
+    /// was put in the used ring (the driver is then interrupted).
+    fn process(
+        &mut self,
+        index: usize,
+        queue: &mut Queue,
+        mem: &GuestMemory,
+    ) -> Result<bool, QueueError>;
+}

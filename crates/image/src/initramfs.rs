@@ -569,32 +569,8 @@ mod tests {
         }
     }
 
-    /// ELF64 with sections: null, `.shstrtab`, `.modinfo`.
     fn modinfo_elf(modinfo: &str) -> Vec<u8> {
-        let shstrtab = b"\0.shstrtab\0.modinfo\0";
-        let mut elf = vec![0u8; 64];
-        elf[..6].copy_from_slice(b"\x7fELF\x02\x01");
-        let strtab_off = elf.len() as u64;
-        elf.extend_from_slice(shstrtab);
-        let modinfo_off = elf.len() as u64;
-        elf.extend_from_slice(modinfo.as_bytes());
-        let shoff = elf.len() as u64;
-        for (name, offset, size) in [
-            (0u32, 0u64, 0u64),
-            (1, strtab_off, shstrtab.len() as u64),
-            (11, modinfo_off, modinfo.len() as u64),
-        ] {
-            let mut header = [0u8; 64];
-            header[0..4].copy_from_slice(&name.to_le_bytes());
-            header[24..32].copy_from_slice(&offset.to_le_bytes());
-            header[32..40].copy_from_slice(&size.to_le_bytes());
-            elf.extend_from_slice(&header);
-        }
-        elf[0x28..0x30].copy_from_slice(&shoff.to_le_bytes());
-        elf[0x3a..0x3c].copy_from_slice(&64u16.to_le_bytes());
-        elf[0x3c..0x3e].copy_from_slice(&3u16.to_le_bytes());
-        elf[0x3e..0x40].copy_from_slice(&1u16.to_le_bytes());
-        elf
+        crate::modules::test_module_elf(modinfo.as_bytes())
     }
 
     #[test]

@@ -313,48 +313,49 @@ impl Resolver<'_> {
     }
 }
 
+/// A minimal ELF64 LE module for tests: null section, `.shstrtab`, `.text`, `.modinfo`.
+#[cfg(test)]
+pub(crate) fn test_module_elf(modinfo: &[u8]) -> Vec<u8> {
+    let shstrtab = b"\0.shstrtab\0.text\0.modinfo\0";
+    let mut elf = vec![0u8; 64];
+    elf[..6].copy_from_slice(b"\x7fELF\x02\x01");
+    let strtab_off = elf.len() as u64;
+    elf.extend_from_slice(shstrtab);
+    let modinfo_off = elf.len() as u64;
+    elf.extend_from_slice(modinfo);
+    while !elf.len().is_multiple_of(8) {
+        elf.push(0);
+    }
+    let shoff = elf.len() as u64;
+    let sections: [(u32, u64, u64); 4] = [
+        (0, 0, 0),
+        (1, strtab_off, shstrtab.len() as u64),
+        (11, 0, 0),
+        (17, modinfo_off, modinfo.len() as u64),
+    ];
+    for (name, offset, size) in sections {
+        let mut header = [0u8; 64];
+        header[0..4].copy_from_slice(&name.to_le_bytes());
+        header[24..32].copy_from_slice(&offset.to_le_bytes());
+        header[32..40].copy_from_slice(&size.to_le_bytes());
+        elf.extend_from_slice(&header);
+    }
+    elf[0x28..0x30].copy_from_slice(&shoff.to_le_bytes());
+    elf[0x3a..0x3c].copy_from_slice(&64u16.to_le_bytes());
+    elf[0x3c..0x3e].copy_from_slice(&4u16.to_le_bytes());
+    elf[0x3e..0x40].copy_from_slice(&1u16.to_le_bytes());
+    elf
+}
+
 #[cfg(test)]
 #[allow(clippy::unwrap_used)] // a failed unwrap is a failed test
 mod tests {
     use super::*;
 
-    /// Builds a minimal ELF64 LE object: null section, `.shstrtab`, `.text`, `.modinfo`.
-    fn craft_elf(modinfo: &[u8]) -> Vec<u8> {
-        let shstrtab = b"\0.shstrtab\0.text\0.modinfo\0";
-        let mut elf = vec![0u8; 64];
-        elf[..6].copy_from_slice(b"\x7fELF\x02\x01");
-        let strtab_off = elf.len() as u64;
-        elf.extend_from_slice(shstrtab);
-        let modinfo_off = elf.len() as u64;
-        elf.extend_from_slice(modinfo);
-        while !elf.len().is_multiple_of(8) {
-            elf.push(0);
-        }
-        let shoff = elf.len() as u64;
-        let sections: [(u32, u64, u64); 4] = [
-            (0, 0, 0),
-            (1, strtab_off, shstrtab.len() as u64),
-            (11, 0, 0),
-            (17, modinfo_off, modinfo.len() as u64),
-        ];
-        for (name, offset, size) in sections {
-            let mut header = [0u8; 64];
-            header[0..4].copy_from_slice(&name.to_le_bytes());
-            header[24..32].copy_from_slice(&offset.to_le_bytes());
-            header[32..40].copy_from_slice(&size.to_le_bytes());
-            elf.extend_from_slice(&header);
-        }
-        elf[0x28..0x30].copy_from_slice(&shoff.to_le_bytes());
-        elf[0x3a..0x3c].copy_from_slice(&64u16.to_le_bytes());
-        elf[0x3c..0x3e].copy_from_slice(&4u16.to_le_bytes());
-        elf[0x3e..0x40].copy_from_slice(&1u16.to_le_bytes());
-        elf
-    }
-
     #[test]
     fn reads_modinfo_from_crafted_elf() {
         let modinfo = b"license=GPL\0depends=virtio-ring,virtio\0name=virtio_net\0";
-        let elf = craft_elf(modinfo);
+        let elf = test_module_elf(modinfo);
         assert_eq!(modinfo_section(&elf).unwrap(), modinfo);
         let info = parse_modinfo(modinfo);
         assert_eq!(info.name.as_deref(), Some("virtio_net"));
@@ -364,7 +365,7 @@ mod tests {
 
     #[test]
     fn malformed_elf_never_panics() {
-        let elf = craft_elf(b"depends=a\0");
+        let elf = test_module_elf(b"depends=a\0");
         for len in 0..elf.len() {
             assert!(modinfo_section(&elf[..len]).is_err(), "truncated at {len}");
         }
@@ -390,7 +391,7 @@ mod tests {
     fn write_module(dir: &Path, rel: &str, modinfo: &str) {
         let path = dir.join(rel);
         std::fs::create_dir_all(path.parent().unwrap()).unwrap();
-        std::fs::write(path, craft_elf(modinfo.as_bytes())).unwrap();
+        std::fs::write(path, test_module_elf(modinfo.as_bytes())).unwrap();
     }
 
     #[test]

@@ -71,6 +71,22 @@ pub fn segment(entry: u64, selector: u16) -> kvm_segment {
     }
 }
 
+/// Loads CS with `code`, every data segment register with `data` and TR with `tss`.
+pub(crate) fn load_flat_segments(
+    sregs: &mut kvm_sregs,
+    code: kvm_segment,
+    data: kvm_segment,
+    tss: kvm_segment,
+) {
+    sregs.cs = code;
+    sregs.ds = data;
+    sregs.es = data;
+    sregs.fs = data;
+    sregs.gs = data;
+    sregs.ss = data;
+    sregs.tr = tss;
+}
+
 pub(crate) fn write_u64s(
     mem: &GuestMemory,
     at: u64,
@@ -118,15 +134,12 @@ pub fn setup_long_mode(mem: &GuestMemory, mut sregs: kvm_sregs) -> Result<kvm_sr
     sregs.gdt.limit = (std::mem::size_of_val(&gdt) - 1) as u16;
     sregs.idt.base = layout::BOOT_IDT_START;
     sregs.idt.limit = 7;
-    let code = segment(gdt[2], BOOT_CS);
-    let data = segment(gdt[3], BOOT_DS);
-    sregs.cs = code;
-    sregs.ds = data;
-    sregs.es = data;
-    sregs.fs = data;
-    sregs.gs = data;
-    sregs.ss = data;
-    sregs.tr = segment(gdt[4], BOOT_TSS);
+    load_flat_segments(
+        &mut sregs,
+        segment(gdt[2], BOOT_CS),
+        segment(gdt[3], BOOT_DS),
+        segment(gdt[4], BOOT_TSS),
+    );
 
     sregs.cr3 = layout::PML4_START;
     sregs.cr4 |= CR4_PAE;

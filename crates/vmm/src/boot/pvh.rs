@@ -17,7 +17,7 @@ use linux_loader::loader::elf::start_info::{
 use vm_memory::{Bytes, GuestAddress};
 
 use super::BootError;
-use super::cpu_state::{gdt_entry, segment, write_u64s};
+use super::cpu_state::{gdt_entry, load_flat_segments, segment, write_u64s};
 use super::params::e820_map;
 use crate::layout;
 use crate::memory::GuestMemory;
@@ -145,15 +145,12 @@ pub fn entry_sregs(mut sregs: kvm_sregs) -> kvm_sregs {
     sregs.gdt.limit = (std::mem::size_of_val(&gdt) - 1) as u16;
     sregs.idt.base = 0;
     sregs.idt.limit = 0;
-    let code = segment(gdt[1], PVH_CS);
-    let data = segment(gdt[2], PVH_DS);
-    sregs.cs = code;
-    sregs.ds = data;
-    sregs.es = data;
-    sregs.fs = data;
-    sregs.gs = data;
-    sregs.ss = data;
-    sregs.tr = segment(gdt[3], PVH_TSS);
+    load_flat_segments(
+        &mut sregs,
+        segment(gdt[1], PVH_CS),
+        segment(gdt[2], PVH_DS),
+        segment(gdt[3], PVH_TSS),
+    );
     sregs.cr0 = CR0_PE | CR0_ET;
     sregs.cr3 = 0;
     sregs.cr4 = 0;

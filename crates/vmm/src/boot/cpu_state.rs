@@ -165,7 +165,10 @@ mod tests {
         let room = layout::BOOT_GDT_MAX_ENTRIES as usize;
         assert!(boot_gdt().len() <= room);
         assert!(crate::boot::pvh::pvh_gdt().len() <= room);
-        assert_eq!(layout::BOOT_GDT_START + room as u64 * 8, layout::BOOT_IDT_START);
+        assert_eq!(
+            layout::BOOT_GDT_START + room as u64 * 8,
+            layout::BOOT_IDT_START
+        );
     }
     use vhpc_api::MemoryConfig;
 

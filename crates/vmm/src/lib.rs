@@ -5,9 +5,11 @@
 //! - [`cpuid`], [`vcpu_setup`] per-vCPU configuration; [`vcpu`] the vCPU threads;
 //! - [`vcpu_state`], [`vm_state`] the state of a vCPU and of a VM, for save → restore;
 //! - [`acpi`] the ACPI tables; [`console`] the console sink that watches for panics;
+//! - [`agent_input`] the host's way into the guest agent's channel (COM2 receive);
 //! - [`vm`] ties it together: config in, outcome out, and the [`Vm`] handle in between.
 
 pub mod acpi;
+pub mod agent_input;
 pub mod boot;
 pub mod console;
 pub mod cpuid;

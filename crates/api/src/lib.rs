@@ -1,6 +1,7 @@
 //! Types shared by every vhpc component: what a user asks for (validated configs) and, later,
 //! API requests and the snapshot and migration wire formats. No logic beyond validation.
 
+pub mod rest;
 pub mod vm_config;
 
 pub use vm_config::{ConfigError, HostLimits, MIN_MEMORY_MIB, MemoryConfig, VmConfig};

@@ -268,4 +268,89 @@ mod tests {
             "{err}"
         );
     }
+
+    /// A guest on the other side of a real 16550: reads requests from its receive FIFO,
+    /// answers each with a stale response (an earlier id) first, then the real ones.
+    fn fake_guest(
+        port: Arc<Mutex<vhpc_devices::serial::SerialPort>>,
+        sink: Arc<Mutex<AgentSink>>,
+        requests: usize,
+    ) -> std::thread::JoinHandle<Vec<Request>> {
+        use vhpc_devices::PioDevice;
+        std::thread::spawn(move || {
+            let mut decoder = Decoder::<Request>::new();
+            let mut seen = Vec::new();
+            while seen.len() < requests {
+                let mut lsr = [0u8];
+                port.lock().unwrap().read(5, &mut lsr);
+                if lsr[0] & 1 == 0 {
+                    std::thread::yield_now();
+                    continue;
+                }
+                let mut byte = [0u8];
+                port.lock().unwrap().read(0, &mut byte);
+                for m in decoder.push(&byte).unwrap() {
+                    let replies = match &m.body {
+                        Request::Exec { argv, stdin } => vec![
+                            (m.id - 1, Response::Stdout(b"stale".to_vec())),
+                            (m.id, Response::Stdout(argv.join(" ").into_bytes())),
+                            (m.id, Response::Stdout(stdin.clone())),
+                            (m.id, Response::Exit(7)),
+                        ],
+                        _ => vec![(m.id, Response::Health(session::Health::default()))],
+                    };
+                    sink.lock().unwrap().write_all(&frames(&replies)).unwrap();
+                    seen.push(m.body);
+                }
+            }
+            seen
+        })
+    }
+
+    #[test]
+    fn requests_travel_through_the_serial_port_and_responses_route_by_id() {
+        let port = Arc::new(Mutex::new(
+            vhpc_devices::serial::SerialPort::new(Box::new(io::sink())).unwrap(),
+        ));
+        let (client, sink) = channel_pair();
+        client.set_input(AgentInput::new(port.clone()));
+        let sink = Arc::new(Mutex::new(sink));
+        let ready = Response::Ready {
+            agent_version: "1".into(),
+        };
+        sink.lock()
+            .unwrap()
+            .write_all(&frames(&[(0, ready)]))
+            .unwrap();
+        let guest = fake_guest(port, sink, 2);
+        let exec = Request::Exec {
+            argv: vec!["echo".into(), "x".into()],
+            stdin: vec![b'i'; 300], // several FIFOs' worth
+        };
+        let mut got = Vec::new();
+        client
+            .request(&exec, Some(Duration::from_secs(10)), &mut |r| {
+                let last = matches!(r, Response::Exit(_));
+                got.push(r);
+                !last
+            })
+            .unwrap();
+        assert_eq!(
+            got,
+            vec![
+                Response::Stdout(b"echo x".to_vec()),
+                Response::Stdout(vec![b'i'; 300]),
+                Response::Exit(7)
+            ]
+        );
+        let mut health = None;
+        client
+            .request(&Request::Ping, Some(Duration::from_secs(10)), &mut |r| {
+                health = Some(r);
+                false
+            })
+            .unwrap();
+        assert!(matches!(health, Some(Response::Health(_))));
+        assert_eq!(guest.join().unwrap(), vec![exec, Request::Ping]);
+    }
 }

@@ -16,7 +16,7 @@ use base64::Engine as _;
 use base64::engine::general_purpose::STANDARD as BASE64;
 use vhpc_api::rest::{ExecEvent, ExecRequest, Health, VmInfo, VmRunState, VmSpec};
 use vhpc_guest::protocol::session::{Request, Response};
-use vhpc_vmm::{Vm, VmIo};
+use vhpc_vmm::{Vm, VmIo, VmOutcome};
 
 use super::agent_client::{self, AgentClient, AgentError};
 use super::api_server::{self, ApiError, Backend};
@@ -76,16 +76,25 @@ pub fn run(dir: PathBuf, lock_fd: i32) -> anyhow::Result<i32> {
     log::info!("VM {} booted; API on {}", dir.name, sock.display());
     let outcome = backend.vm.wait(None);
     log::info!("VM {} ended: {outcome:?}", dir.name);
-    finish(&dir, lock);
-    Ok(0)
-}
-
-/// Removes the state directory, then lets the lock go (process exit releases it anyway).
-fn finish(dir: &VmDir, lock: File) {
-    if let Err(e) = dir.remove() {
-        log::warn!("{e}");
+    // A power-off that was asked for (or that the guest chose while healthy) ends the VM
+    // cleanly; anything else (a panic, a crash, a guest that never got its agent up) keeps
+    // the directory and its logs: `vhpc vm list` shows it as dead until `vhpc vm stop` or the
+    // next `vhpc vm start` of that name removes it.
+    let clean = backend.stopping.load(Ordering::SeqCst)
+        || (outcome == VmOutcome::PowerOff && backend.agent.agent_version().is_some());
+    if clean {
+        if let Err(e) = dir.remove() {
+            log::warn!("{e}");
+        }
+    } else {
+        log::warn!(
+            "VM {} ended unexpectedly ({outcome:?}); its console log {} is kept",
+            dir.name,
+            dir.console_log().display()
+        );
     }
     drop(lock);
+    Ok(0)
 }
 
 /// The API's view of the running VM.

@@ -2,6 +2,7 @@
 //! API requests and the snapshot and migration wire formats. No logic beyond validation.
 
 pub mod disk_config;
+pub mod rest;
 pub mod vm_config;
 
 pub use disk_config::{DiskConfig, DiskConfigError};

@@ -61,6 +61,22 @@ impl SerialPort {
         &self.uart.interrupt_evt().0
     }
 
+    /// Puts host bytes into the receive FIFO (raising the data-ready interrupt) as far as the
+    /// 64-byte FIFO has room; returns how many were taken. The guest drains the FIFO as its
+    /// driver reads it.
+    pub fn enqueue_input(&mut self, bytes: &[u8]) -> usize {
+        if bytes.is_empty() || self.uart.fifo_capacity() == 0 {
+            return 0;
+        }
+        match self.uart.enqueue_raw_bytes(bytes) {
+            Ok(n) => n,
+            Err(e) => {
+                log::warn!("serial port: cannot queue input: {e}");
+                0
+            }
+        }
+    }
+
     fn write_register(&mut self, offset: u16, value: u8) {
         let Some(reg) = register(offset) else {
             return;
@@ -216,5 +232,19 @@ mod tests {
         let mut data = [0u8; 2];
         port.read(3, &mut data);
         assert_eq!(data, [0x03, 0x0b]);
+    }
+
+    #[test]
+    fn input_fills_the_fifo_and_the_guest_reads_it() {
+        let mut port = SerialPort::new(Box::new(io::sink())).unwrap();
+        assert_eq!(port.enqueue_input(&[]), 0);
+        let bytes: Vec<u8> = (0..100u8).collect();
+        let taken = port.enqueue_input(&bytes);
+        assert_eq!(taken, 64, "a 16550 FIFO holds 64 bytes");
+        assert_eq!(port.enqueue_input(&bytes[taken..]), 0, "full");
+        assert_ne!(read_byte(&mut port, LSR) & 0x01, 0, "data ready");
+        assert_eq!(read_byte(&mut port, THR), 0);
+        assert_eq!(read_byte(&mut port, THR), 1);
+        assert_eq!(port.enqueue_input(&bytes[taken..]), 2);
     }
 }

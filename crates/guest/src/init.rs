@@ -1,4 +1,5 @@
-//! The pid-1 flow: set up the system, run the one command, report it, power off.
+//! The pid-1 flow: set up the system, run the one command (or, with `vhpc.agent=serve` on the
+//! kernel command line, serve requests until asked to stop), report it, power off.
 
 use std::io;
 use std::path::Path;
@@ -9,7 +10,7 @@ use crate::kmsg;
 use crate::protocol::{AGENT_TTY, COMMAND_PATH, Frame, LOAD_ORDER_PATH, decode_argv};
 use crate::relay::{self, Reap, RelayError};
 use crate::tty::{self, TtyError};
-use crate::{modules, mounts};
+use crate::{modules, mounts, serve};
 
 #[derive(Debug, Error)]
 pub enum InitError {
@@ -17,6 +18,8 @@ pub enum InitError {
     Tty(#[from] TtyError),
     #[error(transparent)]
     Relay(#[from] RelayError),
+    #[error(transparent)]
+    Serve(#[from] serve::ServeError),
     #[error("cannot flush the agent serial port: {0}")]
     Drain(#[source] io::Error),
 }
@@ -49,6 +52,11 @@ pub fn run_init() -> ! {
 /// Opens the agent channel, runs the command and reports its output and status.
 fn agent() -> Result<(), InitError> {
     let mut tty = tty::open_raw(Path::new(AGENT_TTY))?;
+    let cmdline = std::fs::read_to_string("/proc/cmdline").unwrap_or_default();
+    if serve::requested(&cmdline) {
+        serve::serve(&mut tty)?;
+        return tty::drain(&tty).map_err(InitError::Drain);
+    }
     match read_command() {
         Ok(argv) => {
             relay::run_command(&argv, &mut tty, Reap::All)?;

@@ -4,6 +4,8 @@
 //! calls [`run_init`], which mounts the basic file systems, loads the kernel modules listed by
 //! the host, runs the command from [`protocol::COMMAND_PATH`], streams its output and exit
 //! status as [`protocol::Frame`]s over [`protocol::AGENT_TTY`], and powers the machine off.
+//! With [`protocol::SERVE_FLAG`] on the kernel command line it instead serves
+//! [`protocol::session`] requests (exec, health, power-off) until asked to power off.
 //! The same agent serves as `/init` of the lab's emulated hosts.
 
 mod init;
@@ -12,6 +14,7 @@ mod modules;
 mod mounts;
 pub mod protocol;
 pub mod relay;
+mod serve;
 mod tty;
 
 pub use init::{InitError, run_init};

@@ -13,8 +13,17 @@
 //! 4 = agent-side error text (UTF-8). Payloads are at most [`MAX_PAYLOAD`] bytes; the encoder
 //! splits longer output into several frames. The command to run reaches the guest as a file in
 //! the initramfs ([`COMMAND_PATH`]), not over the wire.
+//!
+//! A long-running guest (kernel command line [`SERVE_FLAG`]) speaks the request/response
+//! protocol of [`session`] on the same channel instead.
 
 use thiserror::Error;
+
+pub mod session;
+
+/// On the guest kernel's command line: /init serves [`session`] requests on the agent channel
+/// instead of running [`COMMAND_PATH`] once (`vhpc vm start` sets it).
+pub const SERVE_FLAG: &str = "vhpc.agent=serve";
 
 /// First byte of every frame.
 pub const MAGIC: u8 = 0xA5;

@@ -61,8 +61,29 @@ pub enum Reap {
 /// A command that cannot be started is reported as an `Error` frame followed by `Exit(127)`
 /// (not found) or `Exit(126)` (any other reason), like a shell does. Returns the exit status.
 pub fn run_command(argv: &[String], sink: &mut impl Write, reap: Reap) -> Result<i32, RelayError> {
-    let status = match spawn(argv) {
-        Ok(mut child) => relay(&mut child, sink, reap)?,
+    run_command_with_stdin(argv, &[], sink, reap)
+}
+
+/// [`run_command`] with `stdin` as the command's standard input (empty: /dev/null). The bytes
+/// are written from a helper thread, so a command that writes before it reads cannot block
+/// the relay.
+pub fn run_command_with_stdin(
+    argv: &[String],
+    stdin: &[u8],
+    sink: &mut impl Write,
+    reap: Reap,
+) -> Result<i32, RelayError> {
+    let status = match spawn(argv, !stdin.is_empty()) {
+        Ok(mut child) => {
+            if let Some(mut pipe) = child.stdin.take() {
+                let bytes = stdin.to_vec();
+                // A command that exits without reading all of it closes the pipe: not an error.
+                std::thread::spawn(move || {
+                    let _ = pipe.write_all(&bytes);
+                });
+            }
+            relay(&mut child, sink, reap)?
+        }
         Err(err) => {
             let status = if err.kind() == io::ErrorKind::NotFound {
                 127
@@ -89,7 +110,7 @@ pub fn send(sink: &mut impl Write, frame: &Frame) -> Result<(), RelayError> {
     sink.write_all(&bytes).map_err(RelayError::Sink)
 }
 
-fn spawn(argv: &[String]) -> io::Result<Child> {
+fn spawn(argv: &[String], piped_stdin: bool) -> io::Result<Child> {
     let (program, args) = argv
         .split_first()
         .ok_or_else(|| io::Error::new(io::ErrorKind::InvalidInput, "empty command"))?;
@@ -102,7 +123,11 @@ fn spawn(argv: &[String]) -> io::Result<Child> {
         .args(args)
         .envs(CHILD_ENV.iter().copied())
         .current_dir(cwd)
-        .stdin(Stdio::null())
+        .stdin(if piped_stdin {
+            Stdio::piped()
+        } else {
+            Stdio::null()
+        })
         .stdout(Stdio::piped())
         .stderr(Stdio::piped())
         .spawn()

@@ -24,6 +24,11 @@ pub enum Command {
     /// Benchmarks: vhpc side by side with QEMU on the same guest.
     #[command(subcommand)]
     Bench(BenchCommand),
+    /// Long-running VMs: start, list, pause, resume, stop, and their REST API.
+    #[command(subcommand)]
+    Vm(crate::vm::VmCommand),
+    /// Run a command in a long-running VM; its output streams here, its status is ours.
+    Exec(crate::vm::ExecArgs),
 }
 
 #[derive(Args)]

@@ -1,4 +1,4 @@
-//! `vhpc`: the one binary. On the host it is the command line (`vhpc run|image|lab ...`);
+//! `vhpc`: the one binary. On the host it is the command line (`vhpc run|vm|exec|image|lab ...`);
 //! copied into an initramfs and started by the kernel as pid 1, it is the guest's /init agent.
 
 mod bench_boot;
@@ -10,6 +10,7 @@ mod image_cmd;
 mod lab_cmd;
 mod relay;
 mod run_cmd;
+mod vm;
 
 use clap::Parser;
 
@@ -25,6 +26,8 @@ fn main() {
         cli::Command::Lab(cmd) => lab_cmd::run(cmd),
         cli::Command::Bench(cli::BenchCommand::Boot(args)) => bench_boot::run(args),
         cli::Command::Bench(cli::BenchCommand::Direct(args)) => bench_direct::run(args),
+        cli::Command::Vm(cmd) => vm::run(cmd),
+        cli::Command::Exec(args) => vm::commands::exec(args),
     };
     match status {
         Ok(code) => std::process::exit(code),
@@ -41,6 +44,8 @@ fn init_logging() {
     tracing_subscriber::fmt()
         .with_env_filter(filter)
         .with_writer(std::io::stderr)
+        // Colours only on a terminal: a VMM's stderr is its vmm.log file.
+        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
         .without_time()
         .init();
 }

@@ -27,6 +27,7 @@ pub fn default_cmdline(console: bool) -> String {
     c
 }
 
+/// `path`, if it is a readable file; else an error that says what is wrong with it.
 fn existing(path: PathBuf, what: &str, fix: &str) -> anyhow::Result<PathBuf> {
     if !path.exists() {
         bail!("{what} {} does not exist{fix}", path.display());
@@ -36,6 +37,30 @@ fn existing(path: PathBuf, what: &str, fix: &str) -> anyhow::Result<PathBuf> {
     }
     std::fs::File::open(&path).with_context(|| format!("cannot read {what} {}", path.display()))?;
     Ok(path)
+}
+
+/// The kernel to boot: `given`, else the cached Debian kernel.
+pub fn kernel_or_default(given: Option<&Path>) -> anyhow::Result<PathBuf> {
+    match given {
+        Some(k) => existing(k.to_path_buf(), "kernel", ""),
+        None => existing(
+            Cache::from_env().kernel_path(),
+            "the default kernel",
+            "; fetch it with `vhpc image kernel`",
+        ),
+    }
+}
+
+/// The initramfs: `given`, else the default one `vhpc image initramfs` built.
+pub fn initramfs_or_default(given: Option<&Path>) -> anyhow::Result<PathBuf> {
+    match given {
+        Some(i) => existing(i.to_path_buf(), "initramfs", ""),
+        None => existing(
+            Cache::from_env().initramfs_path(),
+            "the default initramfs",
+            "; build it with `vhpc image initramfs`",
+        ),
+    }
 }
 
 /// Whether `kernel` is a freestanding guest (an ELF that is not Linux, such as vhpc's test
@@ -48,23 +73,10 @@ fn is_freestanding(kernel: &Path) -> bool {
 }
 
 fn vm_config(args: &RunArgs) -> anyhow::Result<VmConfig> {
-    let cache = Cache::from_env();
-    let kernel = match &args.kernel {
-        Some(k) => existing(k.clone(), "kernel", "")?,
-        None => existing(
-            cache.kernel_path(),
-            "the default kernel",
-            "; fetch it with `vhpc image kernel`",
-        )?,
-    };
+    let kernel = kernel_or_default(args.kernel.as_deref())?;
     let initramfs = match &args.initrd {
-        Some(i) => Some(existing(i.clone(), "initramfs", "")?),
         None if is_freestanding(&kernel) => None,
-        None => Some(existing(
-            cache.initramfs_path(),
-            "the default initramfs",
-            "; build it with `vhpc image initramfs`",
-        )?),
+        initrd => Some(initramfs_or_default(initrd.as_deref())?),
     };
     Ok(VmConfig {
         vcpus: args.vcpus,

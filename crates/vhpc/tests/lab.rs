@@ -241,3 +241,101 @@ echo image=$(head -c 18 /tmp/k.img)"#,
     assert_eq!(field(&run, "killed"), "137", "the VMM died of SIGKILL");
     assert_eq!(field(&run, "image"), "synced-before-kill");
 }
+
+/// Guest loop for the pause test: a counter in /tmp/c, one step per 0.1 s, and the guest's
+/// uptime at every step appended to /tmp/t.
+const COUNTER: &str = "i=0; while true; do i=$((i+1)); echo $i > /tmp/c; \
+     cut -d\" \" -f1 /proc/uptime >> /tmp/t; sleep 0.1; done > /dev/null 2>&1 &";
+
+#[test]
+#[ignore = "lab test: boots emulated hosts; run by scripts/test.sh"]
+fn long_running_vm_exec_pause_resume_stop() {
+    let script = format!(
+        "t() {{ cut -d' ' -f1 /proc/uptime; }}; \
+         secs() {{ awk \"BEGIN{{print $(t)-$1}}\"; }}; \
+         t0=$(t); vhpc vm start a --memory 512; echo start=$?; echo start_secs=$(secs $t0); \
+         vhpc vm start a; echo dup=$?; vhpc vm start a/b; echo badname=$?; \
+         t0=$(t); ok=0; for N in $(seq 100); do \
+           out=$(vhpc exec a -- sh -c \"echo $N; exit $(($N % 7))\"); st=$?; \
+           [ \"$out\" = \"$N\" ] && [ $st -eq $(($N % 7)) ] && ok=$((ok+1)); \
+         done; echo exec_ok=$ok; echo exec100_secs=$(secs $t0); \
+         vhpc exec a -- sh -c 'echo to-err >&2; exit 3'; echo errstatus=$?; \
+         echo hello | vhpc exec a --stdin -- cat; \
+         vhpc vm list | sed 's/^/list: /'; \
+         vhpc exec a -- sh -c '{COUNTER}'; sleep 2; \
+         c0=$(vhpc exec a -- cat /tmp/c); vhpc vm pause a; echo pause=$?; \
+         vhpc vm list | grep '^a ' | sed 's/^/paused: /'; \
+         vhpc exec a -- true; echo exec_paused=$?; sleep 3; \
+         vhpc vm resume a; echo resume=$?; c1=$(vhpc exec a -- cat /tmp/c); \
+         sleep 3; c2=$(vhpc exec a -- cat /tmp/c); \
+         echo paused_delta=$((c1-c0)); echo running_delta=$((c2-c1)); \
+         echo max_gap=$(vhpc exec a -- awk 'NR>1 && $1-p>g {{g=$1-p}} {{p=$1}} END {{print g+0}}' /tmp/t); \
+         printf 'BOGUS\\r\\n\\r\\n' | vhpc vm api a --raw | head -1 | sed 's/^/raw: /'; \
+         vhpc vm api a POST /exec '{{\"argv\": 5}}'; r=$?; echo; echo badjson=$r; \
+         vhpc vm api a GET /nope; echo; \
+         vhpc exec a -- echo still-alive; \
+         vhpc vm api a GET /health | sed 's/^/health: /'; echo; \
+         t0=$(t); vhpc vm stop a; echo stop=$?; echo stop_secs=$(secs $t0); \
+         echo after_stop=$(vhpc vm list | grep -c '^a '); echo dirs=$(ls /run/vhpc | wc -l)"
+    );
+    let run = lab(2, &script);
+    assert_eq!(run.status, 0);
+    assert_eq!(field(&run, "start"), "0");
+    assert_eq!(field(&run, "dup"), "125");
+    assert!(
+        run.stderr.contains("already running"),
+        "duplicate name refused"
+    );
+    assert_eq!(field(&run, "badname"), "125");
+    assert!(run.stderr.contains("invalid VM name"));
+    assert_eq!(field(&run, "exec_ok"), "100");
+    assert_eq!(field(&run, "errstatus"), "3");
+    assert!(run.stderr.lines().any(|l| l == "to-err"), "stderr relayed");
+    assert!(run.stdout.lines().any(|l| l == "hello"), "stdin relayed");
+    let listed = run
+        .stdout
+        .lines()
+        .find(|l| l.starts_with("list: a "))
+        .expect("a in vm list");
+    let cols: Vec<&str> = listed.split_whitespace().collect();
+    assert_eq!(&cols[1..5], &["a", "running", "1", "512MiB"], "{listed}");
+    assert_eq!(field(&run, "pause"), "0");
+    assert!(run.stdout.contains("paused: a "), "paused in the list");
+    assert!(
+        run.stdout
+            .lines()
+            .any(|l| l.starts_with("paused: a") && l.contains(" paused ")),
+        "list shows the paused state"
+    );
+    assert_eq!(field(&run, "exec_paused"), "125");
+    assert!(run.stderr.contains("is paused; resume it first"));
+    assert_eq!(field(&run, "resume"), "0");
+    let paused: i64 = field(&run, "paused_delta").parse().expect("counter");
+    let running: i64 = field(&run, "running_delta").parse().expect("counter");
+    // Paused for 3 s: the counter may take one step when its sleep expires at resume, plus
+    // the steps during the exec and pause/resume commands around the pause (~0.35 s each in
+    // the lab); running for 3 s it takes many more. The guest's own timeline shows the pause
+    // as one gap of at least 3 s between two steps (its clock runs on while paused, no step
+    // happened in between), longer than any gap while running.
+    assert!(
+        paused * 2 < running,
+        "counter advanced {paused} steps across a 3 s pause, {running} in 3 s running"
+    );
+    let gap: f64 = field(&run, "max_gap").parse().expect("seconds");
+    assert!(
+        gap >= 2.9,
+        "no 3 s gap in the guest's counter timeline (largest {gap} s)"
+    );
+    assert!(run.stdout.contains("raw: HTTP/1.1 400 Bad Request"));
+    assert!(run.stdout.contains("invalid exec request body"));
+    assert_eq!(field(&run, "badjson"), "1");
+    assert!(run.stdout.contains("no such path /nope"));
+    assert!(
+        run.stdout.lines().any(|l| l == "still-alive"),
+        "the VM survived bad input"
+    );
+    assert!(run.stdout.contains("\"mem_total_kib\""), "health answered");
+    assert_eq!(field(&run, "stop"), "0");
+    assert_eq!(field(&run, "after_stop"), "0");
+    assert_eq!(field(&run, "dirs"), "0");
+}

@@ -7,9 +7,11 @@
 //! - [`pci_devices`] the PCI bus and virtio devices, wired to KVM (irqfd, ioeventfd, MSI
 //!   routes);
 //! - [`acpi`] the ACPI tables; [`console`] the console sink that watches for panics;
+//! - [`agent_input`] the host's way into the guest agent's channel (COM2 receive);
 //! - [`vm`] ties it together: config in, outcome out, and the [`Vm`] handle in between.
 
 pub mod acpi;
+pub mod agent_input;
 pub mod boot;
 pub mod console;
 pub mod cpuid;

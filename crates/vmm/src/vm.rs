@@ -4,6 +4,7 @@
 //! between: pause, resume, dirty log, save and restore into a new VM.
 
 use std::io::Write;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::mpsc::{Receiver, Sender, channel};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
@@ -19,6 +20,7 @@ use vhpc_devices::serial::{COM1_IRQ, COM1_PORT, COM2_IRQ, COM2_PORT, SERIAL_PORT
 use vhpc_devices::{acpi_pm, debug_exit, i8042, rtc};
 use vm_memory::{Bytes, GuestAddress, GuestMemoryBackend as _, GuestMemoryRegion as _};
 
+use crate::agent_input::AgentInput;
 use crate::boot::{self, BootEntry, GuestKind, guest_kind, loader, params, pvh};
 use crate::console::{ConsoleLog, ConsoleSink};
 use crate::events::{PowerEvents, VmEvent};
@@ -134,7 +136,9 @@ pub struct Vm {
     events_tx: Sender<VmEvent>,
     events: Mutex<Receiver<VmEvent>>,
     log: ConsoleLog,
-    paused: bool,
+    /// COM2, for [`Vm::agent_input`].
+    agent_port: Arc<Mutex<SerialPort>>,
+    paused: AtomicBool,
     dirty_logging: bool,
 }
 
@@ -207,7 +211,7 @@ impl Vm {
         let (events_tx, events_rx) = channel();
         let log = ConsoleLog::default();
         let console = ConsoleSink::new(console, log.clone(), events_tx.clone());
-        let mut pio = build_devices(&fd, Box::new(console), agent, &events_tx)?;
+        let (mut pio, agent_port) = build_devices(&fd, Box::new(console), agent, &events_tx)?;
         let pci = crate::pci_devices::build(&fd, &mem, &config.disks, &mut pio)?;
         let bus = Arc::new(Buses { pio, pci });
         Ok(Vm {
@@ -220,7 +224,8 @@ impl Vm {
             events_tx,
             events: Mutex::new(events_rx),
             log,
-            paused: false,
+            agent_port,
+            paused: AtomicBool::new(false),
             dirty_logging: false,
         })
     }
@@ -249,18 +254,30 @@ impl Vm {
         wait_for_end(&events, &self.log, timeout)
     }
 
-    /// Stops every vCPU between two instructions; returns when all have stopped.
-    pub fn pause(&mut self) -> Result<(), VmError> {
+    /// Stops every vCPU between two instructions; returns when all have stopped. Takes
+    /// `&self` so one thread can [`Vm::wait`] while another pauses; callers that pause and
+    /// resume from several threads serialise those calls themselves.
+    pub fn pause(&self) -> Result<(), VmError> {
         self.command_all(VcpuCommand::Pause, VcpuRunState::Paused)?;
-        self.paused = true;
+        self.paused.store(true, Ordering::SeqCst);
         Ok(())
     }
 
     /// Lets every vCPU run again.
-    pub fn resume(&mut self) -> Result<(), VmError> {
+    pub fn resume(&self) -> Result<(), VmError> {
         self.command_all(VcpuCommand::Resume, VcpuRunState::Running)?;
-        self.paused = false;
+        self.paused.store(false, Ordering::SeqCst);
         Ok(())
+    }
+
+    /// Whether the VM is paused.
+    pub fn is_paused(&self) -> bool {
+        self.paused.load(Ordering::SeqCst)
+    }
+
+    /// A handle that writes to the guest agent's channel (COM2's receive side).
+    pub fn agent_input(&self) -> AgentInput {
+        AgentInput::new(self.agent_port.clone())
     }
 
     fn command_all(&self, command: VcpuCommand, state: VcpuRunState) -> Result<(), VmError> {
@@ -275,7 +292,7 @@ impl Vm {
 
     /// Saves the whole VM; it must be paused ([`Vm::pause`]).
     pub fn save_state(&self) -> Result<VmState, VmError> {
-        if !self.paused {
+        if !self.is_paused() {
             return Err(VmError::NotPaused);
         }
         let vcpus = self
@@ -408,7 +425,7 @@ fn build_devices(
     console: Box<dyn Write + Send>,
     agent: Box<dyn Write + Send>,
     events: &Sender<VmEvent>,
-) -> Result<PioBus, VmError> {
+) -> Result<(PioBus, Arc<Mutex<SerialPort>>), VmError> {
     let dev_err = |what| {
         move |e: &dyn std::fmt::Display| VmError::Device {
             what,
@@ -417,6 +434,7 @@ fn build_devices(
     };
     let power = Arc::new(PowerEvents(events.clone()));
     let mut bus = PioBus::default();
+    let mut agent_port = None;
     for (port, irq, out, what) in [
         (COM1_PORT, COM1_IRQ, console, "serial console (COM1)"),
         (COM2_PORT, COM2_IRQ, agent, "agent serial port (COM2)"),
@@ -424,9 +442,14 @@ fn build_devices(
         let serial = SerialPort::new(out).map_err(|e| dev_err(what)(&e))?;
         vm.register_irqfd(serial.interrupt_evt(), irq)
             .map_err(kvm_err("KVM_IRQFD"))?;
-        bus.insert(port, SERIAL_PORT_LEN, Arc::new(Mutex::new(serial)))
+        let serial = Arc::new(Mutex::new(serial));
+        bus.insert(port, SERIAL_PORT_LEN, serial.clone())
             .map_err(|e| dev_err(what)(&e))?;
+        if port == COM2_PORT {
+            agent_port = Some(serial);
+        }
     }
+    let agent_port = agent_port.expect("COM2 is in the list above");
     let keyboard = i8042::I8042::new(power.clone()).map_err(|e| dev_err("i8042")(&e))?;
     bus.insert(
         i8042::I8042_PORT,
@@ -454,7 +477,7 @@ fn build_devices(
         Arc::new(Mutex::new(exit)),
     )
     .map_err(|e| dev_err("debug-exit port")(&e))?;
-    Ok(bus)
+    Ok((bus, agent_port))
 }
 
 /// Loads kernel, initramfs, command line, ACPI tables and the boot protocol's structures

@@ -140,7 +140,7 @@ fn exceptions_go_through_the_guest_idt() {
 
 #[test]
 fn pause_resume_and_exit_under_load() {
-    let mut vm = boot(&config(2, 32, "smp=2 count=0"));
+    let vm = boot(&config(2, 32, "smp=2 count=0"));
     wait_until(&vm, "the count loop", |vm| {
         result(vm, abi::RES_COUNTER) > 100
     });
@@ -217,7 +217,7 @@ fn saved_state_restored_into_a_new_vm_continues_exactly() {
     let n = 20_000;
     let cmdline = format!("smp=2 count={n}");
     let config = config(2, 32, &cmdline);
-    let mut a = boot(&config);
+    let a = boot(&config);
     wait_until(&a, "the count loop", |vm| {
         result(vm, abi::RES_COUNTER) > n / 10
     });
@@ -291,7 +291,7 @@ fn a_vcpu_halted_in_the_kernel_pauses_saves_and_restores() {
     // With the in-kernel irqchip, `cli; hlt` blocks inside KVM_RUN: only the kick gets the
     // thread out.
     let config = config(1, 32, "halt");
-    let mut a = boot(&config);
+    let a = boot(&config);
     wait_until(&a, "the guest to halt", |vm| {
         result(vm, abi::RES_PHASE) == abi::PHASE_HALTED
     });

@@ -1,0 +1,98 @@
+//! The REST/JSON API of one VM's VMM process, served on its Unix socket
+//! (docs/api/openapi.yaml is the specification), and the state-directory files that describe
+//! the VM. Bytes (a command's stdin and output) travel base64-encoded (standard alphabet,
+//! padded), so binary output arrives exactly.
+
+use serde::{Deserialize, Serialize};
+
+use crate::VmConfig;
+
+/// `NAME/config.json` in a VM's state directory: what `vhpc vm start` asked for.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct VmSpec {
+    pub name: String,
+    pub config: VmConfig,
+}
+
+/// Where a long-running VM is in its life.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum VmRunState {
+    /// Booted, but its guest agent has not answered yet.
+    Booting,
+    Running,
+    Paused,
+    /// Power-off requested; the process exits when the guest is off.
+    Stopping,
+}
+
+impl VmRunState {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            VmRunState::Booting => "booting",
+            VmRunState::Running => "running",
+            VmRunState::Paused => "paused",
+            VmRunState::Stopping => "stopping",
+        }
+    }
+}
+
+/// `GET /vm`.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct VmInfo {
+    pub name: String,
+    pub state: VmRunState,
+    /// The VMM process.
+    pub pid: u32,
+    /// The guest agent's version, once it has answered.
+    pub agent_version: Option<String>,
+    pub config: VmConfig,
+}
+
+/// `POST /exec` request body.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ExecRequest {
+    /// The program and its arguments; the program is looked up in the guest's PATH.
+    pub argv: Vec<String>,
+    /// Standard input for the command, base64; absent: /dev/null.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub stdin: Option<String>,
+}
+
+/// One line of the `POST /exec` response (newline-delimited JSON): exactly one field is set.
+/// Output lines come as the command writes; the last line has `exit_status` (or `error`).
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ExecEvent {
+    /// A piece of the command's stdout, base64.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub stdout: Option<String>,
+    /// A piece of the command's stderr, base64.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub stderr: Option<String>,
+    /// The command's status: exit code, or 128 + signal number. The last line.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub exit_status: Option<i32>,
+    /// A failure of the agent or of the VM (after the response started), or the agent's
+    /// report that the command could not be started (then an exit_status line follows).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub error: Option<String>,
+}
+
+/// `GET /health`: the guest's own view, read by the agent from /proc.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct Health {
+    pub agent_version: String,
+    pub uptime_secs: f64,
+    /// Load averages over 1, 5 and 15 minutes.
+    pub load: [f64; 3],
+    pub mem_total_kib: u64,
+    pub mem_available_kib: u64,
+}
+
+/// The body of every error response.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ErrorBody {
+    /// What went wrong and what to do about it.
+    pub error: String,
+}

@@ -1,0 +1,424 @@
+//! The session protocol of a long-running guest agent: requests from the host, responses from
+//! the guest, over any reliable byte stream (the agent serial port today, virtio-vsock later).
+//!
+//! Both directions use the same frame:
+//!
+//! ```text
+//! +------+---------+------+-------+------------+-------------+-----------------+
+//! | 0xA6 | version | kind | flags | id u32 LE  | len u32 LE  | payload (len B) |
+//! +------+---------+------+-------+------------+-------------+-----------------+
+//!    0       1        2      3       4..8          8..12        12..
+//! ```
+//!
+//! `version` is [`VERSION`]; a peer speaking another version is refused with a clear error
+//! (rebuild the initramfs with the same vhpc). `flags` is reserved and must be 0. `id` is
+//! chosen by the host per request; every response carries its request's id, so a response
+//! that arrives after the host gave up on its request is recognised and dropped (id 0 is the
+//! guest's unsolicited [`Response::Ready`]). Payloads are bounded per direction
+//! ([`MAX_REQUEST_PAYLOAD`], [`MAX_RESPONSE_PAYLOAD`]); the decoder checks the bound before
+//! buffering, so a peer cannot make the other side allocate more.
+//!
+//! Payloads by kind (integers little-endian):
+//!
+//! | kind | direction | payload |
+//! |---|---|---|
+//! | 0x01 Ping | host → guest | empty; answered by Health |
+//! | 0x02 Exec | host → guest | argv length u32, argv (NUL-terminated strings), stdin bytes |
+//! | 0x03 PowerOff | host → guest | empty; answered by PowerOffAck, then the guest powers off |
+//! | 0x41 Ready | guest → host | agent version (UTF-8, ≤ 64 B); sent once when serving starts |
+//! | 0x42 Health | guest → host | uptime ms u64, load ×1000 (1, 5, 15 min) 3×u32, MemTotal KiB u64, MemAvailable KiB u64 |
+//! | 0x43 Stdout, 0x44 Stderr | guest → host | bytes of the command's output (≤ 4096 per frame) |
+//! | 0x45 Exit | guest → host | status i32 (exactly 4 bytes); the last frame of an exec |
+//! | 0x46 Error | guest → host | UTF-8 text; for exec followed by Exit |
+//! | 0x47 PowerOffAck | guest → host | empty |
+//!
+//! The guest serves one request at a time, in order; the host sends the next request only
+//! after the previous one's last response (Exit, Health, PowerOffAck or a lone Error).
+
+use std::marker::PhantomData;
+
+use thiserror::Error;
+
+use super::{decode_argv, encode_argv, validate_argv};
+
+/// First byte of every session frame (the one-shot frames of `vhpc run` use 0xA5).
+pub const MAGIC: u8 = 0xA6;
+/// The protocol version both sides must speak.
+pub const VERSION: u8 = 1;
+/// Header bytes: magic, version, kind, flags, id, length.
+pub const HEADER_LEN: usize = 12;
+/// Largest request payload (an exec's argv and stdin together).
+pub const MAX_REQUEST_PAYLOAD: usize = 1 << 20;
+/// Largest response payload.
+pub const MAX_RESPONSE_PAYLOAD: usize = 64 << 10;
+/// Largest agent version string in a Ready frame.
+const MAX_VERSION_LEN: usize = 64;
+/// Bytes of a Health payload.
+const HEALTH_LEN: usize = 36;
+
+const PING: u8 = 0x01;
+const EXEC: u8 = 0x02;
+const POWER_OFF: u8 = 0x03;
+const READY: u8 = 0x41;
+const HEALTH: u8 = 0x42;
+const STDOUT: u8 = 0x43;
+const STDERR: u8 = 0x44;
+const EXIT: u8 = 0x45;
+const ERROR: u8 = 0x46;
+const POWER_OFF_ACK: u8 = 0x47;
+
+/// What the host asks the guest agent.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Request {
+    /// Report health.
+    Ping,
+    /// Run `argv` with `stdin` as its standard input (empty: /dev/null).
+    Exec { argv: Vec<String>, stdin: Vec<u8> },
+    /// Sync and power the machine off.
+    PowerOff,
+}
+
+/// The guest's health, read from /proc.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub struct Health {
+    pub uptime_ms: u64,
+    /// Load averages over 1, 5 and 15 minutes, times 1000.
+    pub load_milli: [u32; 3],
+    pub mem_total_kib: u64,
+    pub mem_available_kib: u64,
+}
+
+/// What the guest agent answers.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Response {
+    Ready { agent_version: String },
+    Health(Health),
+    Stdout(Vec<u8>),
+    Stderr(Vec<u8>),
+    Exit(i32),
+    Error(String),
+    PowerOffAck,
+}
+
+/// One frame: a request id and its body.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Message<T> {
+    pub id: u32,
+    pub body: T,
+}
+
+/// Errors in a session stream or in a message to encode.
+#[derive(Debug, Clone, PartialEq, Eq, Error)]
+pub enum SessionError {
+    #[error(
+        "agent stream out of sync: expected magic 0xA6 at byte {offset}, got {byte:#04x}; \
+         check that nothing else writes to the agent channel"
+    )]
+    BadMagic { offset: u64, byte: u8 },
+    #[error(
+        "the peer speaks agent protocol version {got}, this vhpc speaks {VERSION}; rebuild the \
+         guest initramfs with this vhpc (`vhpc image initramfs`)"
+    )]
+    Version { got: u8 },
+    #[error("frame at byte {offset} has reserved flags {flags:#04x} set; the stream is corrupt")]
+    Flags { offset: u64, flags: u8 },
+    #[error("frame at byte {offset} has unknown kind {kind:#04x} for this direction")]
+    UnknownKind { offset: u64, kind: u8 },
+    #[error("frame at byte {offset} announces {len} bytes, more than the {max}-byte limit")]
+    Oversize { offset: u64, len: u64, max: usize },
+    #[error("frame at byte {offset} (kind {kind:#04x}) has a malformed payload: {detail}")]
+    BadPayload {
+        offset: u64,
+        kind: u8,
+        detail: String,
+    },
+    #[error("the exec request is too large: {len} bytes of argv and stdin, at most {max}")]
+    RequestTooLarge { len: usize, max: usize },
+    #[error("invalid command: {0}")]
+    Argv(#[from] super::ProtocolError),
+}
+
+/// A message body that can be framed; implemented by [`Request`] and [`Response`].
+pub trait Body: Sized {
+    /// The payload limit for this direction.
+    const MAX_PAYLOAD: usize;
+    /// Parses a payload of `kind`; `Err` holds the reason for [`SessionError::BadPayload`].
+    fn parse(kind: u8, payload: &[u8]) -> Result<Option<Self>, String>;
+}
+
+fn push_frame(id: u32, kind: u8, payload: &[u8], out: &mut Vec<u8>) {
+    let len = u32::try_from(payload.len()).expect("payloads are bounded far below 4 GiB");
+    out.reserve(HEADER_LEN + payload.len());
+    out.extend_from_slice(&[MAGIC, VERSION, kind, 0]);
+    out.extend_from_slice(&id.to_le_bytes());
+    out.extend_from_slice(&len.to_le_bytes());
+    out.extend_from_slice(payload);
+}
+
+/// Appends the frame of request `id` to `out`; checks argv and the size limit first.
+pub fn encode_request(id: u32, request: &Request, out: &mut Vec<u8>) -> Result<(), SessionError> {
+    match request {
+        Request::Ping => push_frame(id, PING, &[], out),
+        Request::PowerOff => push_frame(id, POWER_OFF, &[], out),
+        Request::Exec { argv, stdin } => {
+            validate_argv(argv)?;
+            let argv = encode_argv(argv);
+            let len = 4 + argv.len() + stdin.len();
+            if len > MAX_REQUEST_PAYLOAD {
+                return Err(SessionError::RequestTooLarge {
+                    len,
+                    max: MAX_REQUEST_PAYLOAD,
+                });
+            }
+            let mut payload = Vec::with_capacity(len);
+            let argv_len = u32::try_from(argv.len()).expect("bounded by MAX_REQUEST_PAYLOAD");
+            payload.extend_from_slice(&argv_len.to_le_bytes());
+            payload.extend_from_slice(&argv);
+            payload.extend_from_slice(stdin);
+            push_frame(id, EXEC, &payload, out);
+        }
+    }
+    Ok(())
+}
+
+/// Appends the frame(s) of response `id` to `out`: output longer than 4096 bytes becomes
+/// several frames, text longer than the limit is cut at a character boundary.
+pub fn encode_response(id: u32, response: &Response, out: &mut Vec<u8>) {
+    match response {
+        Response::Ready { agent_version } => {
+            push_frame(id, READY, truncate(agent_version, MAX_VERSION_LEN), out)
+        }
+        Response::Health(h) => {
+            let mut p = Vec::with_capacity(HEALTH_LEN);
+            p.extend_from_slice(&h.uptime_ms.to_le_bytes());
+            for load in h.load_milli {
+                p.extend_from_slice(&load.to_le_bytes());
+            }
+            p.extend_from_slice(&h.mem_total_kib.to_le_bytes());
+            p.extend_from_slice(&h.mem_available_kib.to_le_bytes());
+            push_frame(id, HEALTH, &p, out);
+        }
+        Response::Stdout(data) => push_chunks(id, STDOUT, data, out),
+        Response::Stderr(data) => push_chunks(id, STDERR, data, out),
+        Response::Exit(status) => push_frame(id, EXIT, &status.to_le_bytes(), out),
+        Response::Error(text) => push_frame(id, ERROR, truncate(text, MAX_RESPONSE_PAYLOAD), out),
+        Response::PowerOffAck => push_frame(id, POWER_OFF_ACK, &[], out),
+    }
+}
+
+fn push_chunks(id: u32, kind: u8, data: &[u8], out: &mut Vec<u8>) {
+    if data.is_empty() {
+        push_frame(id, kind, data, out);
+    }
+    for chunk in data.chunks(super::MAX_PAYLOAD) {
+        push_frame(id, kind, chunk, out);
+    }
+}
+
+fn truncate(text: &str, max: usize) -> &[u8] {
+    let mut end = text.len().min(max);
+    while !text.is_char_boundary(end) {
+        end -= 1;
+    }
+    &text.as_bytes()[..end]
+}
+
+fn u32_at(p: &[u8], at: usize) -> u32 {
+    let mut b = [0u8; 4];
+    b.copy_from_slice(&p[at..at + 4]);
+    u32::from_le_bytes(b)
+}
+
+fn u64_at(p: &[u8], at: usize) -> u64 {
+    let mut b = [0u8; 8];
+    b.copy_from_slice(&p[at..at + 8]);
+    u64::from_le_bytes(b)
+}
+
+fn expect_empty(payload: &[u8]) -> Result<(), String> {
+    if payload.is_empty() {
+        Ok(())
+    } else {
+        Err(format!("expected no payload, got {} bytes", payload.len()))
+    }
+}
+
+fn utf8(payload: &[u8]) -> Result<String, String> {
+    String::from_utf8(payload.to_vec()).map_err(|_| "text is not valid UTF-8".to_owned())
+}
+
+impl Body for Request {
+    const MAX_PAYLOAD: usize = MAX_REQUEST_PAYLOAD;
+
+    fn parse(kind: u8, payload: &[u8]) -> Result<Option<Self>, String> {
+        Ok(Some(match kind {
+            PING => expect_empty(payload).map(|()| Request::Ping)?,
+            POWER_OFF => expect_empty(payload).map(|()| Request::PowerOff)?,
+            EXEC => {
+                if payload.len() < 4 {
+                    return Err("shorter than its argv length field".into());
+                }
+                let argv_len = u32_at(payload, 0) as usize;
+                let Some(argv) = payload.get(4..4usize.saturating_add(argv_len)) else {
+                    return Err(format!("argv length {argv_len} runs past the payload"));
+                };
+                let argv = decode_argv(argv).map_err(|e| e.to_string())?;
+                let stdin = payload[4 + argv_len..].to_vec();
+                Request::Exec { argv, stdin }
+            }
+            _ => return Ok(None),
+        }))
+    }
+}
+
+impl Body for Response {
+    const MAX_PAYLOAD: usize = MAX_RESPONSE_PAYLOAD;
+
+    fn parse(kind: u8, payload: &[u8]) -> Result<Option<Self>, String> {
+        Ok(Some(match kind {
+            READY if payload.len() > MAX_VERSION_LEN => {
+                return Err(format!("version longer than {MAX_VERSION_LEN} bytes"));
+            }
+            READY => Response::Ready {
+                agent_version: utf8(payload)?,
+            },
+            HEALTH if payload.len() != HEALTH_LEN => {
+                return Err(format!("{} bytes, expected {HEALTH_LEN}", payload.len()));
+            }
+            HEALTH => Response::Health(Health {
+                uptime_ms: u64_at(payload, 0),
+                load_milli: [u32_at(payload, 8), u32_at(payload, 12), u32_at(payload, 16)],
+                mem_total_kib: u64_at(payload, 20),
+                mem_available_kib: u64_at(payload, 28),
+            }),
+            STDOUT | STDERR if payload.len() > super::MAX_PAYLOAD => {
+                return Err(format!("output chunk larger than {}", super::MAX_PAYLOAD));
+            }
+            STDOUT => Response::Stdout(payload.to_vec()),
+            STDERR => Response::Stderr(payload.to_vec()),
+            EXIT if payload.len() != 4 => {
+                return Err(format!("{} bytes, expected 4", payload.len()));
+            }
+            EXIT => Response::Exit(u32_at(payload, 0) as i32),
+            ERROR => Response::Error(utf8(payload)?),
+            POWER_OFF_ACK => expect_empty(payload).map(|()| Response::PowerOffAck)?,
+            _ => return Ok(None),
+        }))
+    }
+}
+
+/// Incremental decoder of one direction of a session stream; bytes may arrive in pieces of
+/// any size. The stream is untrusted: every field is checked, lengths are bounded before any
+/// buffering, nothing panics. The first error is sticky (payload bytes can look like a
+/// header, so there is no safe resynchronisation); frames decoded before it are returned first.
+/// To start over after an error (the guest does, to keep serving), make a new decoder.
+#[derive(Debug)]
+pub struct Decoder<T> {
+    buf: Vec<u8>,
+    /// Stream offset of `buf[0]`.
+    offset: u64,
+    failed: Option<SessionError>,
+    _body: PhantomData<T>,
+}
+
+impl<T: Body> Default for Decoder<T> {
+    fn default() -> Self {
+        Decoder {
+            buf: Vec::new(),
+            offset: 0,
+            failed: None,
+            _body: PhantomData,
+        }
+    }
+}
+
+impl<T: Body> Decoder<T> {
+    pub fn new() -> Self {
+        Self::default()
+    }
+
+    /// Adds `bytes`; returns every message they complete, in order.
+    pub fn push(&mut self, bytes: &[u8]) -> Result<Vec<Message<T>>, SessionError> {
+        if let Some(err) = &self.failed {
+            return Err(err.clone());
+        }
+        self.buf.extend_from_slice(bytes);
+        let mut out = Vec::new();
+        let mut pos = 0;
+        let result = loop {
+            match self.parse_one(pos) {
+                Ok(Some((message, used))) => {
+                    out.push(message);
+                    pos += used;
+                }
+                Ok(None) => break Ok(()),
+                Err(err) => break Err(err),
+            }
+        };
+        self.buf.drain(..pos);
+        self.offset += pos as u64;
+        match result {
+            Ok(()) => Ok(out),
+            Err(err) => {
+                self.buf = Vec::new();
+                self.failed = Some(err.clone());
+                if out.is_empty() { Err(err) } else { Ok(out) }
+            }
+        }
+    }
+
+    /// Bytes of an incomplete frame held back.
+    pub fn pending_bytes(&self) -> usize {
+        self.buf.len()
+    }
+
+    fn parse_one(&self, pos: usize) -> Result<Option<(Message<T>, usize)>, SessionError> {
+        let rest = &self.buf[pos..];
+        let offset = self.offset + pos as u64;
+        // Check each header byte as soon as it is there, so garbage fails fast.
+        if let Some(&byte) = rest.first()
+            && byte != MAGIC
+        {
+            return Err(SessionError::BadMagic { offset, byte });
+        }
+        if let Some(&got) = rest.get(1)
+            && got != VERSION
+        {
+            return Err(SessionError::Version { got });
+        }
+        if let Some(&flags) = rest.get(3)
+            && flags != 0
+        {
+            return Err(SessionError::Flags { offset, flags });
+        }
+        if rest.len() < HEADER_LEN {
+            return Ok(None);
+        }
+        let kind = rest[2];
+        let id = u32_at(rest, 4);
+        let len = u64::from(u32_at(rest, 8));
+        if len > T::MAX_PAYLOAD as u64 {
+            return Err(SessionError::Oversize {
+                offset,
+                len,
+                max: T::MAX_PAYLOAD,
+            });
+        }
+        let Some(payload) = rest.get(HEADER_LEN..HEADER_LEN + len as usize) else {
+            return Ok(None);
+        };
+        match T::parse(kind, payload) {
+            Ok(Some(body)) => Ok(Some((Message { id, body }, HEADER_LEN + payload.len()))),
+            Ok(None) => Err(SessionError::UnknownKind { offset, kind }),
+            Err(detail) => Err(SessionError::BadPayload {
+                offset,
+                kind,
+                detail,
+            }),
+        }
+    }
+}
+
+#[cfg(test)]
+#[path = "session_tests.rs"]
+mod tests;

@@ -1,0 +1,302 @@
+//! The long-running agent: serves [`session`] requests on the agent channel, one at a time,
+//! until the host asks it to power off.
+
+use std::io::{self, Read, Write};
+
+use thiserror::Error;
+
+use crate::kmsg;
+use crate::protocol::session::{self, Decoder, Health, Message, Request, Response};
+use crate::protocol::{Frame, FrameDecoder, SERVE_FLAG};
+use crate::relay::{self, Reap, RelayError};
+
+#[derive(Debug, Error)]
+pub enum ServeError {
+    #[error("cannot read the agent channel: {0}; the host end is gone")]
+    Read(#[source] io::Error),
+    #[error("the agent channel was hung up")]
+    HungUp,
+    #[error("cannot write to the agent channel: {0}; the host stopped listening")]
+    Write(#[source] io::Error),
+    #[error(transparent)]
+    Relay(#[from] RelayError),
+}
+
+/// Whether the kernel command line asks for the long-running agent.
+pub(crate) fn requested(cmdline: &str) -> bool {
+    cmdline.split_whitespace().any(|word| word == SERVE_FLAG)
+}
+
+/// Announces itself, then serves requests until a power-off request (returns `Ok`) or a
+/// broken channel. A malformed request is answered with an error and the stream restarted.
+pub(crate) fn serve(channel: &mut (impl Read + Write)) -> Result<(), ServeError> {
+    let ready = Response::Ready {
+        agent_version: env!("CARGO_PKG_VERSION").to_owned(),
+    };
+    respond(channel, 0, &ready)?;
+    let mut decoder = Decoder::<Request>::new();
+    let mut buf = vec![0u8; 4096];
+    loop {
+        let n = match channel.read(&mut buf) {
+            Ok(0) => return Err(ServeError::HungUp),
+            Ok(n) => n,
+            Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
+            Err(e) => return Err(ServeError::Read(e)),
+        };
+        match decoder.push(&buf[..n]) {
+            Ok(messages) => {
+                for message in messages {
+                    if handle(channel, message)? == Next::PowerOff {
+                        return Ok(());
+                    }
+                }
+            }
+            Err(err) => {
+                kmsg::warn(&format!("agent: bad request from the host: {err}"));
+                respond(channel, 0, &Response::Error(err.to_string()))?;
+                decoder = Decoder::new();
+            }
+        }
+    }
+}
+
+#[derive(PartialEq, Eq)]
+enum Next {
+    Serve,
+    PowerOff,
+}
+
+fn handle(channel: &mut impl Write, message: Message<Request>) -> Result<Next, ServeError> {
+    let id = message.id;
+    match message.body {
+        Request::Ping => respond(channel, id, &Response::Health(health()))?,
+        Request::Exec { argv, stdin } => {
+            let mut sink = SessionSink {
+                inner: channel,
+                id,
+                frames: FrameDecoder::new(),
+            };
+            // pid 1 inherits every orphan and must reap them; elsewhere (tests) reaping any
+            // child would steal other threads' children.
+            let reap = if std::process::id() == 1 {
+                Reap::All
+            } else {
+                Reap::Child
+            };
+            relay::run_command_with_stdin(&argv, &stdin, &mut sink, reap)?;
+        }
+        Request::PowerOff => {
+            respond(channel, id, &Response::PowerOffAck)?;
+            return Ok(Next::PowerOff);
+        }
+    }
+    Ok(Next::Serve)
+}
+
+fn respond(channel: &mut impl Write, id: u32, response: &Response) -> Result<(), ServeError> {
+    let mut out = Vec::new();
+    session::encode_response(id, response, &mut out);
+    channel
+        .write_all(&out)
+        .and_then(|()| channel.flush())
+        .map_err(ServeError::Write)
+}
+
+/// Turns the one-shot frames the command relay writes into session responses of request `id`.
+struct SessionSink<'a, W: Write> {
+    inner: &'a mut W,
+    id: u32,
+    frames: FrameDecoder,
+}
+
+impl<W: Write> Write for SessionSink<'_, W> {
+    fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
+        let frames = self
+            .frames
+            .push(buf)
+            .map_err(|e| io::Error::new(io::ErrorKind::InvalidData, e))?;
+        let mut out = Vec::new();
+        for frame in frames {
+            let response = match frame {
+                Frame::Stdout(d) => Response::Stdout(d),
+                Frame::Stderr(d) => Response::Stderr(d),
+                Frame::Exit(s) => Response::Exit(s),
+                Frame::Error(t) => Response::Error(t),
+            };
+            session::encode_response(self.id, &response, &mut out);
+        }
+        self.inner.write_all(&out)?;
+        Ok(buf.len())
+    }
+
+    fn flush(&mut self) -> io::Result<()> {
+        self.inner.flush()
+    }
+}
+
+/// Uptime, load and memory from /proc; what cannot be read is reported as 0.
+fn health() -> Health {
+    let read = |path| std::fs::read_to_string(path).unwrap_or_default();
+    parse_health(
+        &read("/proc/uptime"),
+        &read("/proc/loadavg"),
+        &read("/proc/meminfo"),
+    )
+}
+
+fn parse_health(uptime: &str, loadavg: &str, meminfo: &str) -> Health {
+    let seconds = |s: &str| s.parse::<f64>().map_or(0, |v| (v * 1000.0) as u64);
+    let mut load_milli = [0u32; 3];
+    for (slot, word) in load_milli.iter_mut().zip(loadavg.split_whitespace()) {
+        *slot = seconds(word) as u32;
+    }
+    let mem = |key: &str| {
+        meminfo
+            .lines()
+            .find_map(|l| l.strip_prefix(key)?.strip_prefix(':'))
+            .and_then(|v| v.split_whitespace().next()?.parse().ok())
+            .unwrap_or(0)
+    };
+    Health {
+        uptime_ms: seconds(uptime.split_whitespace().next().unwrap_or("")),
+        load_milli,
+        mem_total_kib: mem("MemTotal"),
+        mem_available_kib: mem("MemAvailable"),
+    }
+}
+
+#[cfg(test)]
+#[allow(clippy::unwrap_used)] // a failed unwrap is a failed test
+mod tests {
+    use super::*;
+
+    /// A channel whose input arrives in fixed pieces and whose output is collected.
+    struct Pipe {
+        input: std::collections::VecDeque<Vec<u8>>,
+        output: Vec<u8>,
+    }
+    impl Read for Pipe {
+        fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
+            let Some(mut piece) = self.input.pop_front() else {
+                return Ok(0);
+            };
+            let n = piece.len().min(buf.len());
+            buf[..n].copy_from_slice(&piece[..n]);
+            if n < piece.len() {
+                self.input.push_front(piece.split_off(n));
+            }
+            Ok(n)
+        }
+    }
+    impl Write for Pipe {
+        fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
+            self.output.extend_from_slice(buf);
+            Ok(buf.len())
+        }
+        fn flush(&mut self) -> io::Result<()> {
+            Ok(())
+        }
+    }
+
+    /// Serves `garbage` (one read) and then `requests` (one read each).
+    fn serve_requests(requests: &[(u32, Request)], garbage: &[u8]) -> Vec<Message<Response>> {
+        let mut input = std::collections::VecDeque::new();
+        if !garbage.is_empty() {
+            input.push_back(garbage.to_vec());
+        }
+        for (id, request) in requests {
+            let mut bytes = Vec::new();
+            session::encode_request(*id, request, &mut bytes).unwrap();
+            input.push_back(bytes);
+        }
+        let mut pipe = Pipe {
+            input,
+            output: Vec::new(),
+        };
+        serve(&mut pipe).unwrap();
+        Decoder::<Response>::new().push(&pipe.output).unwrap()
+    }
+
+    #[test]
+    fn ready_exec_with_stdin_ping_power_off() {
+        let exec = Request::Exec {
+            argv: vec!["sh".into(), "-c".into(), "cat; echo err >&2; exit 5".into()],
+            stdin: b"from stdin\n".to_vec(),
+        };
+        let got = serve_requests(
+            &[(7, exec), (8, Request::Ping), (9, Request::PowerOff)],
+            &[],
+        );
+        assert!(matches!(
+            &got[0],
+            Message {
+                id: 0,
+                body: Response::Ready { .. }
+            }
+        ));
+        let out: Vec<u8> = got
+            .iter()
+            .filter(|m| m.id == 7)
+            .flat_map(|m| match &m.body {
+                Response::Stdout(d) => d.clone(),
+                _ => Vec::new(),
+            })
+            .collect();
+        assert_eq!(out, b"from stdin\n");
+        assert!(
+            got.iter()
+                .any(|m| m.id == 7 && m.body == Response::Stderr(b"err\n".to_vec()))
+        );
+        let exit = got
+            .iter()
+            .position(|m| m.body == Response::Exit(5))
+            .unwrap();
+        assert!(matches!(
+            got[exit + 1],
+            Message {
+                id: 8,
+                body: Response::Health(_)
+            }
+        ));
+        assert_eq!(got.last().unwrap().body, Response::PowerOffAck);
+    }
+
+    #[test]
+    fn garbage_is_answered_and_serving_goes_on() {
+        let got = serve_requests(&[(3, Request::PowerOff)], b"junk");
+        assert!(
+            matches!(&got[1], Message { id: 0, body: Response::Error(e) } if e.contains("magic"))
+        );
+        assert_eq!(
+            got.last().unwrap(),
+            &Message {
+                id: 3,
+                body: Response::PowerOffAck
+            }
+        );
+    }
+
+    #[test]
+    fn hang_up_is_an_error() {
+        let mut pipe = Pipe {
+            input: Default::default(),
+            output: Vec::new(),
+        };
+        assert!(matches!(serve(&mut pipe), Err(ServeError::HungUp)));
+    }
+
+    #[test]
+    fn serve_flag_and_health_parsing() {
+        assert!(requested("console=ttyS0 vhpc.agent=serve quiet\n"));
+        assert!(!requested("console=ttyS0 vhpc.agent=servex"));
+        let h = parse_health(
+            "12.34 5.00\n",
+            "0.50 1.25 2.00 1/80 99\n",
+            "MemTotal:        1000 kB\nMemFree: 5 kB\nMemAvailable:     600 kB\n",
+        );
+        assert_eq!(h.uptime_ms, 12_340);
+        assert_eq!(h.load_milli, [500, 1250, 2000]);
+        assert_eq!((h.mem_total_kib, h.mem_available_kib), (1000, 600));
+        assert_eq!(parse_health("", "x", ""), Health::default());
+    }
+}

@@ -1,0 +1,205 @@
+//! The VM's REST/JSON API (docs/api/openapi.yaml) on its Unix socket: a blocking HTTP/1.1
+//! server, one thread per connection, one request per connection. The routes act on a
+//! [`Backend`], so the server is tested without a VM.
+
+use std::io::{self, BufReader, Write};
+use std::os::unix::net::{UnixListener, UnixStream};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::time::Duration;
+
+use serde::Serialize;
+use vhpc_api::rest::{ErrorBody, ExecEvent, ExecRequest, Health, VmInfo};
+
+use super::http::{self, Request};
+
+/// Every route the server answers: path and methods. The spec test checks this against
+/// docs/api/openapi.yaml in both directions.
+pub const ROUTES: &[(&str, &[&str])] = &[
+    ("/vm", &["GET"]),
+    ("/vm/pause", &["PUT"]),
+    ("/vm/resume", &["PUT"]),
+    ("/vm/shutdown", &["PUT"]),
+    ("/exec", &["POST"]),
+    ("/health", &["GET"]),
+];
+
+/// Connections served at once; more get 503 (a misbehaving client cannot exhaust threads).
+const MAX_CONNECTIONS: usize = 32;
+/// How long a client may take to send its request.
+const READ_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// A failure with the HTTP status that reports it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ApiError {
+    pub status: u16,
+    pub message: String,
+}
+
+impl ApiError {
+    pub fn new(status: u16, message: impl Into<String>) -> Self {
+        ApiError {
+            status,
+            message: message.into(),
+        }
+    }
+}
+
+/// What the routes act on: the VM (or a fake in tests).
+pub trait Backend: Send + Sync {
+    fn info(&self) -> VmInfo;
+    fn pause(&self) -> Result<(), ApiError>;
+    fn resume(&self) -> Result<(), ApiError>;
+    /// Starts an orderly power-off; the process exits once the guest is off.
+    fn shutdown(&self) -> Result<(), ApiError>;
+    fn health(&self) -> Result<Health, ApiError>;
+    /// Runs a command, handing each output piece and finally the status to `event`.
+    fn exec(
+        &self,
+        request: ExecRequest,
+        event: &mut dyn FnMut(ExecEvent) -> io::Result<()>,
+    ) -> Result<(), ApiError>;
+}
+
+/// Accepts connections until the listener fails.
+pub fn serve(listener: UnixListener, backend: Arc<dyn Backend>) {
+    let active = Arc::new(AtomicUsize::new(0));
+    for stream in listener.incoming() {
+        let mut stream = match stream {
+            Ok(s) => s,
+            Err(e) => {
+                log::warn!("API: accept failed: {e}");
+                continue;
+            }
+        };
+        if active.fetch_add(1, Ordering::SeqCst) >= MAX_CONNECTIONS {
+            active.fetch_sub(1, Ordering::SeqCst);
+            let _ = send_error(
+                &mut stream,
+                &ApiError::new(503, "too many API connections; retry"),
+            );
+            continue;
+        }
+        let (backend, active) = (backend.clone(), active.clone());
+        let spawned = std::thread::Builder::new()
+            .name("api".into())
+            .spawn(move || {
+                if let Err(e) = handle_connection(stream, backend.as_ref()) {
+                    log::debug!("API connection: {e}");
+                }
+                active.fetch_sub(1, Ordering::SeqCst);
+            });
+        if let Err(e) = spawned {
+            log::warn!("API: cannot start a connection thread: {e}");
+        }
+    }
+}
+
+fn handle_connection(stream: UnixStream, backend: &dyn Backend) -> io::Result<()> {
+    stream.set_read_timeout(Some(READ_TIMEOUT))?;
+    let mut reader = BufReader::new(stream.try_clone()?);
+    let mut writer = stream;
+    match http::read_request(&mut reader) {
+        Ok(Some(request)) => respond(&request, backend, &mut writer),
+        Ok(None) => Ok(()),
+        Err(e) => match e.status() {
+            Some(status) => send_error(&mut writer, &ApiError::new(status, e.to_string())),
+            None => Err(io::Error::other(e.to_string())),
+        },
+    }
+}
+
+fn send_json(w: &mut impl Write, status: u16, body: &impl Serialize) -> io::Result<()> {
+    let bytes = serde_json::to_vec(body).map_err(io::Error::other)?;
+    http::write_response(w, status, &[], "application/json", &bytes)
+}
+
+fn send_error(w: &mut impl Write, e: &ApiError) -> io::Result<()> {
+    send_json(
+        w,
+        e.status,
+        &ErrorBody {
+            error: e.message.clone(),
+        },
+    )
+}
+
+/// Answers one request.
+pub fn respond(req: &Request, backend: &dyn Backend, w: &mut impl Write) -> io::Result<()> {
+    let Some((_, methods)) = ROUTES.iter().find(|(path, _)| *path == req.path) else {
+        let known: Vec<&str> = ROUTES.iter().map(|(p, _)| *p).collect();
+        let msg = format!(
+            "no such path {}; the API has {}",
+            req.path,
+            known.join(", ")
+        );
+        return send_error(w, &ApiError::new(404, msg));
+    };
+    if !methods.contains(&req.method.as_str()) {
+        let allow = methods.join(", ");
+        let body = serde_json::to_vec(&ErrorBody {
+            error: format!("{} does not allow {}; use {allow}", req.path, req.method),
+        })
+        .map_err(io::Error::other)?;
+        return http::write_response(w, 405, &[("Allow", &allow)], "application/json", &body);
+    }
+    let result = match req.path.as_str() {
+        "/vm" => return send_json(w, 200, &backend.info()),
+        "/health" => backend.health().map(|h| send_json(w, 200, &h)),
+        "/vm/pause" => backend.pause().map(|()| no_content(w, 204)),
+        "/vm/resume" => backend.resume().map(|()| no_content(w, 204)),
+        "/vm/shutdown" => backend.shutdown().map(|()| no_content(w, 202)),
+        "/exec" => return exec(req, backend, w),
+        _ => Err(ApiError::new(500, "route table and handlers disagree")),
+    };
+    match result {
+        Ok(written) => written,
+        Err(e) => send_error(w, &e),
+    }
+}
+
+fn no_content(w: &mut impl Write, status: u16) -> io::Result<()> {
+    http::write_response(w, status, &[], "application/json", b"")
+}
+
+/// `POST /exec`: checks the body, then streams newline-delimited JSON events.
+fn exec(req: &Request, backend: &dyn Backend, w: &mut impl Write) -> io::Result<()> {
+    let request: ExecRequest = match serde_json::from_slice(&req.body) {
+        Ok(r) => r,
+        Err(e) => {
+            let msg = format!(
+                "invalid exec request body: {e}; expected {{\"argv\": [\"program\", \"arg\", ...], \"stdin\": \"<base64>\" (optional)}}"
+            );
+            return send_error(w, &ApiError::new(400, msg));
+        }
+    };
+    let mut started = false;
+    let result = backend.exec(request, &mut |event| {
+        if !started {
+            http::write_stream_head(w, 200, "application/x-ndjson")?;
+            started = true;
+        }
+        let mut line = serde_json::to_vec(&event).map_err(io::Error::other)?;
+        line.push(b'\n');
+        w.write_all(&line)?;
+        w.flush()
+    });
+    match result {
+        Ok(()) if started => Ok(()),
+        Ok(()) => send_error(w, &ApiError::new(500, "the exec produced no status")),
+        Err(e) if !started => send_error(w, &e),
+        Err(e) => {
+            let event = ExecEvent {
+                error: Some(e.message),
+                ..ExecEvent::default()
+            };
+            let mut line = serde_json::to_vec(&event).map_err(io::Error::other)?;
+            line.push(b'\n');
+            w.write_all(&line)
+        }
+    }
+}
+
+#[cfg(test)]
+#[path = "api_server_tests.rs"]
+mod tests;

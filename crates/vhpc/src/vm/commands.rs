@@ -1,0 +1,349 @@
+//! The `vhpc vm ...` and `vhpc exec` commands: clients of a VM's API socket (and, for
+//! `start`, the launcher of its VMM process).
+
+use std::fs::File;
+use std::io::{self, BufRead, Read, Write};
+use std::os::fd::AsRawFd;
+use std::os::unix::process::CommandExt;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use anyhow::{Context, bail};
+use base64::Engine as _;
+use base64::engine::general_purpose::STANDARD as BASE64;
+use vhpc_api::rest::{ErrorBody, ExecEvent, ExecRequest, VmInfo, VmRunState, VmSpec};
+use vhpc_api::{MemoryConfig, VmConfig};
+use vhpc_guest::protocol::SERVE_FLAG;
+
+use super::http;
+use super::state_dir::{Runtime, VmDir};
+use super::vmm_process::MAX_STDIN;
+use super::{ApiArgs, ExecArgs, StartArgs};
+
+/// Timeout for API calls that do not run guest commands.
+const API_TIMEOUT: Duration = Duration::from_secs(30);
+
+fn vm_config(args: &StartArgs) -> anyhow::Result<VmConfig> {
+    let kernel = crate::run_cmd::kernel_or_default(args.kernel.as_deref())?;
+    let initramfs = crate::run_cmd::initramfs_or_default(args.initrd.as_deref())?;
+    // Absolute paths: the VMM process may resolve them from another directory.
+    let absolute = |p: PathBuf| std::path::absolute(&p).unwrap_or(p);
+    Ok(VmConfig {
+        vcpus: args.vcpus,
+        memory: MemoryConfig {
+            size_mib: args.memory,
+            hugepages: args.hugepages,
+            prefault: false,
+        },
+        kernel: absolute(kernel),
+        initramfs: Some(absolute(initramfs)),
+        cmdline: format!("{} {SERVE_FLAG}", crate::run_cmd::default_cmdline(false)),
+        disks: args
+            .disks
+            .iter()
+            .map(|d| vhpc_api::DiskConfig {
+                path: absolute(d.path.clone()),
+                read_only: d.read_only,
+            })
+            .collect(),
+    })
+}
+
+/// `vhpc vm start`: state directory, detached VMM process, wait for the agent.
+pub fn start(args: StartArgs) -> anyhow::Result<i32> {
+    let config = vm_config(&args)?;
+    let runtime = Runtime::from_env();
+    let (dir, lock) = runtime.create(&args.name)?;
+    let spec = VmSpec {
+        name: args.name.clone(),
+        config,
+    };
+    std::fs::write(dir.config_json(), serde_json::to_vec_pretty(&spec)?)
+        .with_context(|| format!("cannot write {}", dir.config_json().display()))?;
+    let mut child = spawn_vmm(&dir, &lock)?;
+    let mut pid_file = &lock;
+    pid_file.set_len(0)?;
+    writeln!(pid_file, "{}", child.id())?;
+    drop(lock); // the VMM holds its own copy of the locked file
+    wait_until_ready(&dir, &mut child, Duration::from_secs(args.timeout))?;
+    Ok(0)
+}
+
+fn spawn_vmm(dir: &VmDir, lock: &File) -> anyhow::Result<Child> {
+    let exe = std::env::current_exe().context("cannot find the vhpc binary to start the VMM")?;
+    let log = File::create(dir.vmm_log())
+        .with_context(|| format!("cannot create {}", dir.vmm_log().display()))?;
+    let fd = lock.as_raw_fd();
+    let mut cmd = Command::new(exe);
+    cmd.args(["vm", "serve", "--lock-fd", &fd.to_string(), "--dir"])
+        .arg(&dir.path)
+        .stdin(Stdio::null())
+        .stdout(log.try_clone()?)
+        .stderr(log);
+    if std::env::var_os("VHPC_LOG").is_none() {
+        cmd.env("VHPC_LOG", "info");
+    }
+    // SAFETY: the closure runs in the child between fork and exec and calls only
+    // async-signal-safe functions (setsid, fcntl) on an fd that is open in the child.
+    unsafe {
+        cmd.pre_exec(move || {
+            // Its own session: the VM outlives this command and its terminal.
+            if libc::setsid() < 0 {
+                return Err(io::Error::last_os_error());
+            }
+            // Keep the lock fd open across exec.
+            let flags = libc::fcntl(fd, libc::F_GETFD);
+            if flags < 0 || libc::fcntl(fd, libc::F_SETFD, flags & !libc::FD_CLOEXEC) < 0 {
+                return Err(io::Error::last_os_error());
+            }
+            Ok(())
+        });
+    }
+    cmd.spawn().context("cannot start the VMM process")
+}
+
+fn wait_until_ready(dir: &VmDir, child: &mut Child, timeout: Duration) -> anyhow::Result<()> {
+    let deadline = Instant::now() + timeout;
+    loop {
+        if let Some(status) = child.try_wait()? {
+            bail!(
+                "the VMM process of VM {} exited ({status}) before its guest agent answered.\n\
+                 VMM log {}:\n{}\nconsole log: {}",
+                dir.name,
+                dir.vmm_log().display(),
+                tail(&dir.vmm_log(), 20),
+                dir.console_log().display()
+            );
+        }
+        if let Ok(info) = get_info(dir, Duration::from_secs(2))
+            && info.state != VmRunState::Booting
+        {
+            return Ok(());
+        }
+        if Instant::now() >= deadline {
+            let _ = child.kill();
+            let _ = child.wait();
+            bail!(
+                "VM {}: the guest agent did not answer within {}s, so the VM was stopped. Its \
+                 console log {} shows how far the guest got (kept until `vhpc vm stop {0}` or \
+                 the next `vhpc vm start {0}`); the VMM log is {}",
+                dir.name,
+                timeout.as_secs(),
+                dir.console_log().display(),
+                dir.vmm_log().display()
+            );
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    }
+}
+
+fn tail(path: &Path, lines: usize) -> String {
+    let text = std::fs::read_to_string(path).unwrap_or_default();
+    let all: Vec<&str> = text.lines().collect();
+    all[all.len().saturating_sub(lines)..]
+        .iter()
+        .map(|l| format!("  | {l}\n"))
+        .collect()
+}
+
+fn get_info(dir: &VmDir, timeout: Duration) -> anyhow::Result<VmInfo> {
+    let resp = http::call(&dir.api_sock(), "GET", "/vm", None, Some(timeout))?;
+    let status = resp.status;
+    let body = resp.into_bytes()?;
+    if status != 200 {
+        bail!("GET /vm answered {status}");
+    }
+    Ok(serde_json::from_slice(&body)?)
+}
+
+/// Turns a non-2xx API response into an error with the server's message.
+fn api_error(name: &str, status: u16, body: &[u8]) -> anyhow::Error {
+    match serde_json::from_slice::<ErrorBody>(body) {
+        Ok(e) => anyhow::anyhow!("VM {name}: {}", e.error),
+        Err(_) => anyhow::anyhow!("VM {name}: the API answered {status}"),
+    }
+}
+
+/// `vhpc vm list`.
+pub fn list() -> anyhow::Result<i32> {
+    let runtime = Runtime::from_env();
+    let mut out = io::stdout().lock();
+    writeln!(
+        out,
+        "{:<20} {:<9} {:>5} {:>10} {:>8}",
+        "NAME", "STATE", "VCPUS", "MEMORY", "PID"
+    )?;
+    for dir in runtime.list()? {
+        let Some(pid) = dir.running_pid() else {
+            writeln!(
+                out,
+                "{:<20} {:<9} {:>5} {:>10} {:>8}",
+                dir.name, "dead", "-", "-", "-"
+            )?;
+            continue;
+        };
+        match get_info(&dir, Duration::from_secs(5)) {
+            Ok(info) => writeln!(
+                out,
+                "{:<20} {:<9} {:>5} {:>10} {:>8}",
+                info.name,
+                info.state.as_str(),
+                info.config.vcpus,
+                format!("{}MiB", info.config.memory.size_mib),
+                info.pid
+            )?,
+            Err(_) => writeln!(
+                out,
+                "{:<20} {:<9} {:>5} {:>10} {:>8}",
+                dir.name, "starting", "-", "-", pid
+            )?,
+        }
+    }
+    Ok(0)
+}
+
+/// `vhpc vm pause|resume`: a PUT without a body.
+pub fn put(name: &str, path: &str) -> anyhow::Result<i32> {
+    let dir = Runtime::from_env().existing(name)?;
+    let resp = http::call(&dir.api_sock(), "PUT", path, None, Some(API_TIMEOUT))?;
+    let status = resp.status;
+    let body = resp.into_bytes()?;
+    if !(200..300).contains(&status) {
+        return Err(api_error(name, status, &body));
+    }
+    Ok(0)
+}
+
+/// `vhpc vm stop`: ask for power-off, wait, kill, remove the state directory.
+pub fn stop(name: &str, timeout: u64) -> anyhow::Result<i32> {
+    let dir = Runtime::from_env().existing(name)?;
+    let Some(pid) = dir.running_pid() else {
+        dir.remove()?;
+        eprintln!("vhpc: VM {name} was not running; removed its state directory");
+        return Ok(0);
+    };
+    if let Err(e) = put(name, "/vm/shutdown") {
+        log::warn!("power-off request failed ({e:#}); killing VM {name}");
+    }
+    let gone = |within: Duration| {
+        let deadline = Instant::now() + within;
+        while dir.running_pid().is_some() {
+            if Instant::now() >= deadline {
+                return false;
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        true
+    };
+    if !gone(Duration::from_secs(timeout)) && pid > 0 {
+        eprintln!(
+            "vhpc: VM {name} did not power off within {timeout}s; killing its VMM (pid {pid})"
+        );
+        // SAFETY: kill with a pid read from the VM's locked pid file (the lock is still held,
+        // so the pid is the live VMM's) and a valid signal number.
+        unsafe { libc::kill(pid as libc::pid_t, libc::SIGKILL) };
+        if !gone(Duration::from_secs(5)) {
+            bail!("VM {name}: the VMM (pid {pid}) is still alive after SIGKILL");
+        }
+    }
+    dir.remove()?;
+    Ok(0)
+}
+
+/// `vhpc exec NAME -- CMD...`: streams CMD's output, returns its status.
+pub fn exec(args: ExecArgs) -> anyhow::Result<i32> {
+    let dir = Runtime::from_env().existing(&args.name)?;
+    let stdin = if args.stdin {
+        let mut bytes = Vec::new();
+        io::stdin()
+            .take(MAX_STDIN as u64 + 1)
+            .read_to_end(&mut bytes)?;
+        if bytes.len() > MAX_STDIN {
+            bail!("--stdin: more than {MAX_STDIN} bytes on standard input");
+        }
+        Some(BASE64.encode(bytes))
+    } else {
+        None
+    };
+    let body = serde_json::to_vec(&ExecRequest {
+        argv: args.command,
+        stdin,
+    })?;
+    let resp = http::call(&dir.api_sock(), "POST", "/exec", Some(&body), None)?;
+    if resp.status != 200 {
+        let status = resp.status;
+        return Err(api_error(&args.name, status, &resp.into_bytes()?));
+    }
+    relay_events(resp.body)
+}
+
+/// Writes the events' output to our stdout/stderr; the exit status ends the stream.
+fn relay_events(mut body: impl BufRead) -> anyhow::Result<i32> {
+    let mut line = String::new();
+    loop {
+        line.clear();
+        if body.read_line(&mut line)? == 0 {
+            bail!("the VM's API ended the exec stream without an exit status");
+        }
+        let event: ExecEvent = serde_json::from_str(&line)
+            .with_context(|| format!("malformed exec event {line:?}"))?;
+        if let Some(data) = event.stdout {
+            let mut out = io::stdout().lock();
+            out.write_all(&BASE64.decode(data)?)?;
+            out.flush()?;
+        }
+        if let Some(data) = event.stderr {
+            io::stderr().write_all(&BASE64.decode(data)?)?;
+        }
+        if let Some(error) = event.error {
+            eprintln!("vhpc: {error}");
+        }
+        if let Some(status) = event.exit_status {
+            return Ok(status);
+        }
+    }
+}
+
+/// `vhpc vm api`: one request, the body printed.
+pub fn api(args: ApiArgs) -> anyhow::Result<i32> {
+    let dir = Runtime::from_env().existing(&args.name)?;
+    if args.raw {
+        let mut request = Vec::new();
+        io::stdin().read_to_end(&mut request)?;
+        let mut stream = std::os::unix::net::UnixStream::connect(dir.api_sock())
+            .with_context(|| format!("cannot connect to {}", dir.api_sock().display()))?;
+        stream.set_read_timeout(Some(API_TIMEOUT))?;
+        stream.write_all(&request)?;
+        stream.shutdown(std::net::Shutdown::Write)?;
+        let mut response = Vec::new();
+        stream.read_to_end(&mut response)?;
+        io::stdout().write_all(&response)?;
+        return Ok(0);
+    }
+    let (Some(method), Some(path)) = (args.method, args.path) else {
+        bail!("give METHOD and PATH, or --raw");
+    };
+    let body = args.body.as_deref().map(str::as_bytes);
+    let resp = http::call(&dir.api_sock(), &method, &path, body, None)?;
+    let status = resp.status;
+    let mut out = io::stdout().lock();
+    out.write_all(&resp.into_bytes()?)?;
+    out.flush()?;
+    Ok(if (200..300).contains(&status) { 0 } else { 1 })
+}
+
+#[cfg(test)]
+#[allow(clippy::unwrap_used)] // a failed unwrap is a failed test
+mod tests {
+    use super::*;
+
+    #[test]
+    fn events_are_relayed_until_the_status() {
+        let lines = "{\"stdout\":\"aGkK\"}\n{\"error\":\"guest agent: x\"}\n{\"exit_status\":3}\n";
+        assert_eq!(relay_events(io::Cursor::new(lines)).unwrap(), 3);
+        let err = relay_events(io::Cursor::new("{\"stdout\":\"aGkK\"}\n")).unwrap_err();
+        assert!(err.to_string().contains("without an exit status"));
+        assert!(relay_events(io::Cursor::new("not json\n")).is_err());
+    }
+}

@@ -1,0 +1,121 @@
+//! Long-running VMs: `vhpc vm start|list|pause|resume|stop|api` and `vhpc exec`.
+//!
+//! Each VM is its own VMM process ([`vmm_process`]) with a state directory ([`state_dir`]),
+//! serving a REST/JSON API ([`api_server`] over [`http`]) on a Unix socket; it talks to the
+//! guest agent through the session protocol ([`agent_client`]). The commands here are clients
+//! of that API ([`commands`]).
+
+pub mod agent_client;
+pub mod api_server;
+pub mod commands;
+pub mod http;
+pub mod state_dir;
+pub mod vmm_process;
+
+use std::path::PathBuf;
+
+use clap::{Args, Subcommand};
+
+#[derive(Subcommand)]
+pub enum VmCommand {
+    /// Start a long-running VM in the background; returns once its guest agent answers.
+    Start(StartArgs),
+    /// List the VMs: name, state, vCPUs, memory, VMM pid.
+    List,
+    /// Pause every vCPU of a VM.
+    Pause { name: String },
+    /// Resume a paused VM.
+    Resume { name: String },
+    /// Power a VM off (its agent syncs and powers off), kill it after --timeout, remove its state.
+    Stop {
+        name: String,
+        /// Seconds to wait for the guest to power off before killing the VMM.
+        #[arg(long, default_value_t = 10)]
+        timeout: u64,
+    },
+    /// Call a VM's REST API: print the response body; exit 0 for a 2xx status, else 1.
+    Api(ApiArgs),
+    /// The VMM process of one VM (started by `vhpc vm start`).
+    #[command(hide = true)]
+    Serve(ServeArgs),
+}
+
+#[derive(Args)]
+pub struct StartArgs {
+    /// The VM's name: letters, digits, '.', '_', '-'; unique among running VMs.
+    pub name: String,
+    /// Number of vCPUs.
+    #[arg(long, default_value_t = 1)]
+    pub vcpus: u32,
+    /// Guest memory in MiB.
+    #[arg(long, default_value_t = 512)]
+    pub memory: u64,
+    /// Kernel (bzImage or ELF vmlinux); default: the cached Debian kernel.
+    #[arg(long)]
+    pub kernel: Option<PathBuf>,
+    /// Initramfs with the vhpc agent as /init; default: the one `vhpc image initramfs` built.
+    #[arg(long)]
+    pub initrd: Option<PathBuf>,
+    /// Back guest memory with 2 MiB hugepages (reserve them first).
+    #[arg(long)]
+    pub hugepages: bool,
+    /// Attach a raw disk image as a virtio-blk disk (repeatable: /dev/vda, /dev/vdb, ...);
+    /// `,ro` makes it read-only.
+    #[arg(long = "disk", value_name = "PATH[,ro]")]
+    pub disks: Vec<vhpc_api::DiskConfig>,
+    /// Seconds to wait for the guest agent to answer.
+    #[arg(long, default_value_t = 120)]
+    pub timeout: u64,
+}
+
+#[derive(Args)]
+pub struct ExecArgs {
+    /// The VM to run the command in.
+    pub name: String,
+    /// Send our standard input to the command (at most 512 KiB); default: /dev/null.
+    #[arg(long)]
+    pub stdin: bool,
+    /// The command to run in the guest.
+    #[arg(last = true, required = true)]
+    pub command: Vec<String>,
+}
+
+#[derive(Args)]
+pub struct ApiArgs {
+    /// The VM.
+    pub name: String,
+    /// HTTP method (GET, PUT, POST).
+    #[arg(required_unless_present = "raw")]
+    pub method: Option<String>,
+    /// Path, e.g. /vm.
+    #[arg(required_unless_present = "raw")]
+    pub path: Option<String>,
+    /// JSON request body.
+    pub body: Option<String>,
+    /// Send standard input as the whole raw HTTP request and print the raw response.
+    #[arg(long, conflicts_with_all = ["method", "path", "body"])]
+    pub raw: bool,
+}
+
+#[derive(Args)]
+pub struct ServeArgs {
+    /// The VM's state directory.
+    #[arg(long)]
+    pub dir: PathBuf,
+    /// The inherited fd holding the lock on the state directory's pid file.
+    #[arg(long)]
+    pub lock_fd: i32,
+}
+
+/// Runs a `vhpc vm` subcommand; returns the exit status.
+pub fn run(command: VmCommand) -> anyhow::Result<i32> {
+    match command {
+        VmCommand::Start(args) => commands::start(args),
+        VmCommand::List => commands::list(),
+        VmCommand::Pause { name } => commands::put(&name, "/vm/pause"),
+        VmCommand::Resume { name } => commands::put(&name, "/vm/resume"),
+        VmCommand::Stop { name, timeout } => commands::stop(&name, timeout),
+        VmCommand::Api(args) => commands::api(args),
+        VmCommand::Serve(args) => vmm_process::run(args.dir, args.lock_fd),
+    }
+}

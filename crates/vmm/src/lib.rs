@@ -4,6 +4,7 @@
 //! - [`boot`] direct boot: Linux 64-bit (bzImage) or PVH (ELF with a PVH note), initramfs;
 //! - [`cpuid`], [`vcpu_setup`] per-vCPU configuration; [`vcpu`] the vCPU threads;
 //! - [`vcpu_state`], [`vm_state`] the state of a vCPU and of a VM, for save → restore;
+//! - [`snapshot`] checkpoints on disk (full, incremental), lazy restore, merge, inspect;
 //! - [`acpi`] the ACPI tables; [`console`] the console sink that watches for panics;
 //! - [`vm`] ties it together: config in, outcome out, and the [`Vm`] handle in between.
 
@@ -15,6 +16,7 @@ pub mod events;
 pub mod host;
 pub mod layout;
 pub mod memory;
+pub mod snapshot;
 pub mod vcpu;
 pub mod vcpu_setup;
 pub mod vcpu_state;

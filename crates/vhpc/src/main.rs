@@ -4,12 +4,15 @@
 mod bench_boot;
 mod bench_direct;
 mod bench_measure;
+mod bench_qemu;
+mod bench_snapshot;
 mod cli;
 mod exit_codes;
 mod image_cmd;
 mod lab_cmd;
 mod relay;
 mod run_cmd;
+mod snapshot_cmd;
 
 use clap::Parser;
 
@@ -25,6 +28,9 @@ fn main() {
         cli::Command::Lab(cmd) => lab_cmd::run(cmd),
         cli::Command::Bench(cli::BenchCommand::Boot(args)) => bench_boot::run(args),
         cli::Command::Bench(cli::BenchCommand::Direct(args)) => bench_direct::run(args),
+        cli::Command::Bench(cli::BenchCommand::Snapshot(args)) => bench_snapshot::run(args),
+        cli::Command::Snapshot(cmd) => snapshot_cmd::run(cmd),
+        cli::Command::Restore(args) => snapshot_cmd::restore(args),
     };
     match status {
         Ok(code) => std::process::exit(code),

@@ -310,3 +310,34 @@ fn a_failed_checkpoint_leaves_the_previous_one_untouched() {
     .unwrap_err();
     assert!(err.to_string().contains("full checkpoint first"), "{err}");
 }
+
+#[test]
+fn a_restored_vm_checkpoints_again_sparsely_and_exactly() {
+    let n = 40_000;
+    let config = config(1, 256, &format!("dirty=4 count={n}"));
+    let mut vm = Vm::boot(&config, io()).unwrap();
+    vm.start().unwrap();
+    wait_for_count(&vm, n / 10);
+    let root = tempfile::tempdir().unwrap();
+    let (first, second) = (root.path().join("first"), root.path().join("second"));
+    snapshot::checkpoint(&mut vm, &first, CheckpointKind::Full).unwrap();
+    drop(vm);
+
+    // Its memory is now a private mapping of first/memory.raw.
+    let mut vm = snapshot::restore(&first, io(), RestoreOptions::default()).unwrap();
+    vm.start().unwrap();
+    wait_for_count(&vm, counter(&vm) + 1_000);
+    let info = snapshot::checkpoint(&mut vm, &second, CheckpointKind::Full).unwrap();
+    vm.pause().unwrap();
+    drop(vm);
+    let allocated = std::fs::metadata(second.join("memory.raw"))
+        .unwrap()
+        .blocks()
+        * 512;
+    assert!(allocated < 16 << 20, "sparse again: {allocated} bytes");
+    eprintln!("second checkpoint: {info:?}, {allocated} bytes allocated");
+    let mut vm = snapshot::restore(&second, io(), RestoreOptions::default()).unwrap();
+    vm.start().unwrap();
+    assert_eq!(vm.wait(Some(WAIT)), VmOutcome::Exit(0), "{}", console(&vm));
+    assert!(console(&vm).contains(&vhpc_testguest::expected_count_line(n)));
+}

@@ -3,8 +3,8 @@
 //!
 //! Writing a full image reads only pages that can hold data: for anonymous guest memory,
 //! /proc/self/pagemap says which pages were ever touched (present or swapped), so an untouched
-//! 4 GiB guest costs a page-table walk, not 4 GiB of reads. File-backed memory (a VM restored
-//! from a checkpoint) is read whole.
+//! 4 GiB guest costs a page-table walk, not 4 GiB of reads. For memory that is a private
+//! mapping of a checkpoint (a restored VM), pages the file has data for are read too.
 
 use std::fs::File;
 use std::io::Read;
@@ -67,6 +67,19 @@ fn touched_pages(addr: u64, len: u64) -> Option<Vec<bool>> {
     Some(out)
 }
 
+/// Marks the pages of `touched` that the file backing them (from `start`) has data for.
+fn mark_file_data(touched: &mut [bool], file: &File, start: u64, len: u64) {
+    for (at, extent) in data_extents(file, start + len) {
+        let first = at.max(start) - start;
+        let end = (at + extent).min(start + len).saturating_sub(start);
+        for page in first / PAGE..end.div_ceil(PAGE) {
+            if let Some(t) = touched.get_mut(page as usize) {
+                *t = true;
+            }
+        }
+    }
+}
+
 /// The host bytes of a region of paused guest memory.
 fn region_bytes(region: &vm_memory::GuestRegionMmap<()>) -> &[u8] {
     // SAFETY: the mapping is `region.len()` bytes long and lives as long as `region`. The VM is
@@ -85,11 +98,13 @@ pub fn write_full(mem: &GuestMemory, file: &File) -> std::io::Result<WriteStats>
     let mut stats = WriteStats::default();
     for (region, rec) in mem.iter().zip(&layout) {
         let bytes = region_bytes(region);
-        let touched = if region.file_offset().is_none() {
-            touched_pages(region.as_ptr() as u64, region.len())
-        } else {
-            None
-        };
+        let touched = touched_pages(region.as_ptr() as u64, region.len()).map(|mut t| {
+            if let Some(backing) = region.file_offset() {
+                // A private file mapping: a page never touched reads from the file.
+                mark_file_data(&mut t, backing.file(), backing.start(), region.len());
+            }
+            t
+        });
         // A run of consecutive non-zero pages is written with one call.
         let mut run: Option<(usize, usize)> = None;
         for (i, page) in bytes.chunks_exact(PAGE as usize).enumerate() {

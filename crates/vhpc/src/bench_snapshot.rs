@@ -90,22 +90,30 @@ fn median(v: &[f64]) -> f64 {
     stats(v.to_vec()).0
 }
 
-/// Part 1: (touched MiB, vhpc ms, vhpc allocated MiB, QEMU ms, QEMU file MiB).
+/// Flushes the page cache's dirty data, so one measurement's writeback does not land in the
+/// next one's time.
+fn settle() {
+    // SAFETY: sync(2) takes no arguments and cannot fail.
+    unsafe { libc::sync() };
+}
+
+/// Part 1: checkpoint time and size against memory touched.
 fn checkpoint_rows(args: &BenchSnapshotArgs, guest: &Path, root: &Path) -> anyhow::Result<()> {
     println!(
         "\n### Checkpoint of a 1 GiB guest against memory touched (median (min–max) of {} runs)\n",
         args.runs
     );
     println!(
-        "| touched | vhpc checkpoint ms | vhpc on disk (allocated / apparent) | QEMU stop+migrate-to-file ms | QEMU file | QEMU / vhpc time |"
+        "| touched | vhpc checkpoint ms (fsynced) | vhpc on disk (allocated / apparent) | QEMU stop → migrate-to-file completed ms (page cache) | same + fsync of the file ms | QEMU file | QEMU+fsync / vhpc |"
     );
-    println!("|---|---|---|---|---|---|");
+    println!("|---|---|---|---|---|---|---|");
     for touched in TOUCHED_MIB {
         let mut vm = boot_halted(guest, 1024, touched)?;
         let dir = root.join("ckpt");
         let mut times = Vec::new();
         let mut allocated = 0;
         for round in 0..=args.runs {
+            settle();
             let info = snapshot::checkpoint(&mut vm, &dir, CheckpointKind::Full)?;
             let meta = std::fs::metadata(dir.join("memory.raw"))?;
             allocated = meta.blocks() * 512;
@@ -114,24 +122,23 @@ fn checkpoint_rows(args: &BenchSnapshotArgs, guest: &Path, root: &Path) -> anyho
             }
         }
         drop(vm);
-        let (q_times, q_size) = if args.no_qemu {
-            (Vec::new(), 0)
+        std::fs::remove_dir_all(&dir)?;
+        let (q_times, q_synced, q_size) = if args.no_qemu {
+            (Vec::new(), Vec::new(), 0)
         } else {
             qemu_checkpoints(args, guest, root, touched)?
         };
-        let q_cell = if q_times.is_empty() {
+        let opt = |v: Vec<f64>| if v.is_empty() { "—".into() } else { cell(v) };
+        let ratio = if q_synced.is_empty() {
             "—".into()
         } else {
-            cell(q_times.clone())
-        };
-        let ratio = if q_times.is_empty() {
-            "—".into()
-        } else {
-            format!("{:.2}×", median(&q_times) / median(&times))
+            format!("{:.2}×", median(&q_synced) / median(&times))
         };
         println!(
-            "| {touched} MiB | {} | {:.1} / 1024 MiB | {q_cell} | {:.1} MiB | {ratio} |",
+            "| {touched} MiB | {} | {:.1} / 1024 MiB | {} | {} | {:.1} MiB | {ratio} |",
             cell(times),
+            opt(q_times),
+            opt(q_synced),
             allocated as f64 / 1048576.0,
             q_size as f64 / 1048576.0
         );
@@ -144,19 +151,26 @@ fn qemu_checkpoints(
     guest: &Path,
     root: &Path,
     touched: u64,
-) -> anyhow::Result<(Vec<f64>, u64)> {
+) -> anyhow::Result<(Vec<f64>, Vec<f64>, u64)> {
     let file = root.join("qemu.mig");
-    let mut times = Vec::new();
+    let (mut times, mut synced) = (Vec::new(), Vec::new());
     for round in 0..=args.runs {
         let mut q = Qemu::boot(guest, 1024, &cmdline(touched), root)?;
         q.wait_console("halt\n", WAIT)?;
+        settle();
         let t = q.save(&file, WAIT)?;
+        let s = Instant::now();
+        std::fs::File::open(&file)?.sync_all()?;
+        let sync = s.elapsed();
         q.quit();
         if round > 0 {
             times.push(ms(t));
+            synced.push(ms(t + sync));
         }
     }
-    Ok((times, std::fs::metadata(&file)?.len()))
+    let size = std::fs::metadata(&file)?.len();
+    std::fs::remove_file(&file)?;
+    Ok((times, synced, size))
 }
 
 fn vhpc_process_restore(dir: &Path) -> anyhow::Result<Duration> {
@@ -213,6 +227,7 @@ fn restore_rows(args: &BenchSnapshotArgs, guest: &Path, root: &Path) -> anyhow::
             q.save(&qemu_file, WAIT)?;
             q.quit();
         }
+        settle();
         let (mut lazy, mut eager, mut process, mut qemu) = (vec![], vec![], vec![], vec![]);
         for round in 0..=args.runs {
             let l = in_process_restore(&dir, false)?;

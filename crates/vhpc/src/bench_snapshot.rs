@@ -137,9 +137,9 @@ fn checkpoint_rows(args: &BenchSnapshotArgs, guest: &Path, root: &Path) -> anyho
         println!(
             "| {touched} MiB | {} | {:.1} / 1024 MiB | {} | {} | {:.1} MiB | {ratio} |",
             cell(times),
+            allocated as f64 / 1048576.0,
             opt(q_times),
             opt(q_synced),
-            allocated as f64 / 1048576.0,
             q_size as f64 / 1048576.0
         );
     }

@@ -4,6 +4,7 @@
 //! 1. Checkpoint size and time against guest memory touched: a 1 GiB guest writes one word
 //!    into every page of `dirty=MIB` MiB, then halts; a full checkpoint is timed from pause to
 //!    durable on disk (vhpc) or from `stop` to `Migration status: completed` (QEMU).
+//!    Then full against incremental checkpoints of a guest that keeps rewriting a few pages.
 //! 2. Restore latency against guest memory size (256 MiB, 1 GiB, 4 GiB, 64 MiB touched):
 //!    vhpc in-process (checkpoint read and checked, memory mapped, VM created, vCPUs
 //!    restored and started) and as a new process (`vhpc restore --timeout 0`: start, restore,
@@ -173,6 +174,55 @@ fn qemu_checkpoints(
     Ok((times, synced, size))
 }
 
+/// Part 1b: full against incremental checkpoints of a guest that touched 256 MiB and keeps
+/// rewriting its 64 KiB count buffer.
+fn incremental_rows(args: &BenchSnapshotArgs, guest: &Path, root: &Path) -> anyhow::Result<()> {
+    let config = VmConfig {
+        vcpus: 1,
+        memory: MemoryConfig {
+            size_mib: 1024,
+            hugepages: false,
+            prefault: false,
+        },
+        kernel: guest.to_path_buf(),
+        initramfs: None,
+        cmdline: "dirty=256 stride=1 count=0".into(),
+    };
+    let mut vm = Vm::boot(&config, io())?;
+    vm.start()?;
+    let start = Instant::now();
+    let counter = GuestAddress(abi::RESULTS_ADDR + 8 * abi::RES_COUNTER);
+    while vm.memory().read_obj::<u64>(counter)? == 0 {
+        if start.elapsed() > WAIT {
+            bail!("the test guest did not start counting within {WAIT:?}");
+        }
+        std::thread::sleep(Duration::from_millis(5));
+    }
+    let (mut full, mut inc, mut pages) = (Vec::new(), Vec::new(), Vec::new());
+    for round in 0..=args.runs {
+        settle();
+        let f = snapshot::checkpoint(&mut vm, &root.join("inc-base"), CheckpointKind::Full)?;
+        std::thread::sleep(Duration::from_millis(100));
+        settle();
+        let dir = root.join(format!("inc-{round}"));
+        let i = snapshot::checkpoint(&mut vm, &dir, CheckpointKind::Incremental)?;
+        std::fs::remove_dir_all(&dir)?;
+        if round > 0 {
+            full.push(ms(f.paused_for));
+            inc.push(ms(i.paused_for));
+            pages.push(i.memory_pages as f64);
+        }
+    }
+    std::fs::remove_dir_all(root.join("inc-base"))?;
+    println!(
+        "\n### Full vs incremental checkpoint: 1 GiB guest, 256 MiB touched, then counting (it rewrites a 64 KiB buffer); the incremental one 100 ms after the full one\n"
+    );
+    println!("| full checkpoint ms | incremental checkpoint ms | pages in the delta |");
+    println!("|---|---|---|");
+    println!("| {} | {} | {} |", cell(full), cell(inc), cell(pages));
+    Ok(())
+}
+
 fn vhpc_process_restore(dir: &Path) -> anyhow::Result<Duration> {
     let exe = std::env::current_exe().context("cannot find the vhpc binary")?;
     let start = Instant::now();
@@ -278,8 +328,9 @@ pub fn run(args: BenchSnapshotArgs) -> anyhow::Result<i32> {
         "vhpc bench snapshot: test guest on this host's /dev/kvm, 1 vCPU, checkpoints in {}",
         args.dir.display()
     );
-    let result =
-        checkpoint_rows(&args, &guest, &root).and_then(|()| restore_rows(&args, &guest, &root));
+    let result = checkpoint_rows(&args, &guest, &root)
+        .and_then(|()| incremental_rows(&args, &guest, &root))
+        .and_then(|()| restore_rows(&args, &guest, &root));
     let _ = std::fs::remove_dir_all(&root);
     result.map(|()| 0)
 }

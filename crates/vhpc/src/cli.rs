@@ -57,7 +57,8 @@ pub struct RestoreArgs {
     /// Show the guest's serial console on stderr.
     #[arg(long)]
     pub console: bool,
-    /// Restore even if the checkpoint was made on a host with another CPU model.
+    /// Restore even if the checkpoint was made on a host with another CPU model, or its disks
+    /// changed since.
     #[arg(long)]
     pub force: bool,
     /// Read all guest memory now instead of on first touch.

@@ -201,7 +201,7 @@ pub fn map_chain(chain: &[Checkpoint], prefault: bool) -> Result<GuestMemory, Sn
 /// How to restore.
 #[derive(Clone, Copy, Debug, Default)]
 pub struct RestoreOptions {
-    /// Restore even on a host with another CPU model.
+    /// Restore even on a host with another CPU model, or with disks changed since.
     pub force: bool,
     /// Read all of memory now instead of on first touch.
     pub prefault: bool,
@@ -219,6 +219,11 @@ pub fn restore(dir: &Path, io: VmIo, opts: RestoreOptions) -> Result<Vm, Snapsho
             saved: saved.cpu_model.clone(),
             here: here.cpu_model,
         });
+    }
+    if !opts.force
+        && let Some(change) = last.body.disks.iter().find_map(|d| d.changed())
+    {
+        return Err(SnapshotError::DiskChanged(change));
     }
     let machine = last.machine()?;
     let mem = map_chain(&chain, opts.prefault)?;

@@ -167,6 +167,39 @@ pub struct DiskRecord {
     pub ino: u64,
 }
 
+impl DiskRecord {
+    /// The identity of the disk file at `path` now.
+    pub fn of(path: &std::path::Path) -> std::io::Result<DiskRecord> {
+        use std::os::unix::fs::MetadataExt;
+        let m = std::fs::metadata(path)?;
+        Ok(DiskRecord {
+            path: path.to_path_buf(),
+            size: m.len(),
+            mtime_ns: m.mtime() * 1_000_000_000 + m.mtime_nsec(),
+            dev: m.dev(),
+            ino: m.ino(),
+        })
+    }
+
+    /// How the disk file differs from this record now (`None`: unchanged).
+    pub fn changed(&self) -> Option<String> {
+        match DiskRecord::of(&self.path) {
+            Err(e) => Some(format!("{} cannot be read: {e}", self.path.display())),
+            Ok(now) if now != *self => Some(format!(
+                "{} changed since the checkpoint (size {} → {}, mtime {} → {} ns, inode {} → {})",
+                self.path.display(),
+                self.size,
+                now.size,
+                self.mtime_ns,
+                now.mtime_ns,
+                self.ino,
+                now.ino
+            )),
+            Ok(_) => None,
+        }
+    }
+}
+
 /// One component's state: its own name, version and postcard encoding.
 #[derive(Clone, Debug, Serialize, Deserialize, PartialEq, Eq)]
 pub struct Component {
@@ -361,6 +394,20 @@ pub(crate) mod tests {
             body.component("vcpu.0", 1),
             Err(FormatError::MissingComponent(_))
         ));
+    }
+
+    #[test]
+    fn a_changed_disk_is_noticed() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let disk = dir.path().join("disk.img");
+        std::fs::write(&disk, b"data").expect("write");
+        let record = DiskRecord::of(&disk).expect("stat");
+        assert_eq!(record.changed(), None);
+        std::fs::write(&disk, b"other data").expect("write");
+        let change = record.changed().expect("changed");
+        assert!(change.contains("size 4 → 10"), "{change}");
+        std::fs::remove_file(&disk).expect("rm");
+        assert!(record.changed().expect("gone").contains("cannot be read"));
     }
 
     #[test]

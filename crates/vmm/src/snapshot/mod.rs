@@ -90,6 +90,10 @@ pub enum SnapshotError {
         "the checkpoint was made on a host with CPU \"{saved}\", this host has \"{here}\": its vCPU state (CPUID, MSRs) may not fit this CPU. Restore on a host with the same CPU model, or force it (--force)"
     )]
     HostMismatch { saved: String, here: String },
+    #[error(
+        "a disk of the checkpointed VM is not as it was: {0}; the guest's view of it would be inconsistent. Restore the disk as it was, or force it (--force)"
+    )]
+    DiskChanged(String),
     #[error("the memory of checkpoint {} is damaged: {detail}", dir.display())]
     MemoryDamaged { dir: PathBuf, detail: String },
     #[error(transparent)]
@@ -219,6 +223,7 @@ fn write_checkpoint(
             regions: memfile::regions(vm.memory()),
             contents,
         },
+        // `DiskRecord::of` each disk once VmConfig has disks; restore already checks them.
         disks: Vec::new(),
         components,
     };

@@ -341,3 +341,41 @@ fn a_restored_vm_checkpoints_again_sparsely_and_exactly() {
     assert_eq!(vm.wait(Some(WAIT)), VmOutcome::Exit(0), "{}", console(&vm));
     assert!(console(&vm).contains(&vhpc_testguest::expected_count_line(n)));
 }
+
+#[test]
+fn well_framed_but_absurd_checkpoints_are_errors_not_panics() {
+    let root = tempfile::tempdir().unwrap();
+    let dir = checkpoint_of_a_counting_guest(root.path());
+    let bytes = std::fs::read(dir.join("state.bin")).unwrap();
+    let good = snapshot::format::decode(&bytes).unwrap();
+    let mut bodies = Vec::new();
+    let mut b = good.clone();
+    b.memory.regions[0].len = u64::MAX;
+    bodies.push(("region length", b));
+    let mut b = good.clone();
+    b.memory.regions[0].file_offset = u64::MAX - 1;
+    bodies.push(("region offset", b));
+    let mut b = good.clone();
+    b.config.vcpus = 3;
+    bodies.push(("vCPU count", b));
+    let mut b = good.clone();
+    b.components.retain(|c| c.name != "irqchip");
+    bodies.push(("missing component", b));
+    let mut b = good.clone();
+    b.components[0].version = 7;
+    bodies.push(("component version", b));
+    let mut b = good.clone();
+    b.components[1].data.truncate(100);
+    bodies.push(("short component", b));
+    for (what, body) in bodies {
+        std::fs::write(
+            dir.join("state.bin"),
+            snapshot::format::encode(&body).unwrap(),
+        )
+        .unwrap();
+        match snapshot::restore(&dir, io(), RestoreOptions::default()) {
+            Err(e) => eprintln!("{what}: {e}"),
+            Ok(_) => panic!("{what}: restored"),
+        }
+    }
+}

@@ -157,7 +157,7 @@ pub fn map_chain(chain: &[Checkpoint], prefault: bool) -> Result<GuestMemory, Sn
         .memory
         .regions
         .iter()
-        .map(|r| r.file_offset + r.len)
+        .map(|r| r.file_offset.saturating_add(r.len))
         .max()
         .unwrap_or(0);
     let len = file.metadata().map_err(io_err("stat", &path))?.len();

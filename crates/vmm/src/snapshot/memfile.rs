@@ -190,7 +190,9 @@ pub fn apply_delta(
     let mut copied = 0;
     for &(start, pages) in runs {
         for i in 0..u64::from(pages) {
-            let addr = start + i * PAGE;
+            let addr = start
+                .checked_add(i * PAGE)
+                .ok_or_else(|| format!("run at {start:#x} overflows the address space"))?;
             reader
                 .read_exact(&mut buf)
                 .map_err(|e| format!("reading page {addr:#x}: {e} (the delta is truncated)"))?;

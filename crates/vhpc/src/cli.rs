@@ -29,6 +29,49 @@ pub enum Command {
     Vm(crate::vm::VmCommand),
     /// Run a command in a long-running VM; its output streams here, its status is ours.
     Exec(crate::vm::ExecArgs),
+    /// Checkpoints on disk: inspect and verify one, merge a chain into one.
+    #[command(subcommand)]
+    Snapshot(SnapshotCommand),
+    /// Start a new VM from a checkpoint (or the chain ending at it) and run it until the guest
+    /// ends; exit with the guest's status, as `vhpc run` does.
+    Restore(RestoreArgs),
+}
+
+#[derive(Subcommand)]
+pub enum SnapshotCommand {
+    /// Print a checkpoint's header, host, VM config, components and sizes; verify its
+    /// checksums (state and memory) and the chain it ends.
+    Inspect {
+        /// The checkpoint directory.
+        dir: PathBuf,
+    },
+    /// Fold the chain ending at DIR (a full checkpoint and its incremental children) into one
+    /// full checkpoint OUT.
+    Merge {
+        /// The last checkpoint of the chain.
+        dir: PathBuf,
+        /// Where the merged checkpoint goes (a new directory, or one to replace atomically).
+        out: PathBuf,
+    },
+}
+
+#[derive(Args)]
+pub struct RestoreArgs {
+    /// The checkpoint directory.
+    pub dir: PathBuf,
+    /// Show the guest's serial console on stderr.
+    #[arg(long)]
+    pub console: bool,
+    /// Restore even if the checkpoint was made on a host with another CPU model, or its disks
+    /// changed since.
+    #[arg(long)]
+    pub force: bool,
+    /// Read all guest memory now instead of on first touch.
+    #[arg(long)]
+    pub prefault: bool,
+    /// Stop the VM (exit status 124) if it runs longer than this many seconds.
+    #[arg(long)]
+    pub timeout: Option<u64>,
 }
 
 #[derive(Args)]
@@ -129,6 +172,23 @@ pub enum BenchCommand {
     /// The VMM's own costs on this host's /dev/kvm with vhpc's test guest, vs QEMU microvm:
     /// start → first line, VMM-only RSS, VM lifecycles per second.
     Direct(BenchDirectArgs),
+    /// Checkpoint size and time against guest memory touched, restore latency against guest
+    /// memory size (lazy mapping), with vhpc's test guest on this host's /dev/kvm; QEMU's
+    /// migrate-to-file and -incoming on the same guest beside it.
+    Snapshot(BenchSnapshotArgs),
+}
+
+#[derive(Args)]
+pub struct BenchSnapshotArgs {
+    /// Measured runs per point (after one warm-up round).
+    #[arg(long, default_value_t = 5)]
+    pub runs: u32,
+    /// Where the checkpoints are written (a directory on the disk to measure).
+    #[arg(long, default_value = "/var/tmp")]
+    pub dir: PathBuf,
+    /// Skip QEMU.
+    #[arg(long)]
+    pub no_qemu: bool,
 }
 
 #[derive(Args)]

@@ -4,12 +4,15 @@
 mod bench_boot;
 mod bench_direct;
 mod bench_measure;
+mod bench_qemu;
+mod bench_snapshot;
 mod cli;
 mod exit_codes;
 mod image_cmd;
 mod lab_cmd;
 mod relay;
 mod run_cmd;
+mod snapshot_cmd;
 mod vm;
 
 use clap::Parser;
@@ -28,6 +31,9 @@ fn main() {
         cli::Command::Bench(cli::BenchCommand::Direct(args)) => bench_direct::run(args),
         cli::Command::Vm(cmd) => vm::run(cmd),
         cli::Command::Exec(args) => vm::commands::exec(args),
+        cli::Command::Bench(cli::BenchCommand::Snapshot(args)) => bench_snapshot::run(args),
+        cli::Command::Snapshot(cmd) => snapshot_cmd::run(cmd),
+        cli::Command::Restore(args) => snapshot_cmd::restore(args),
     };
     match status {
         Ok(code) => std::process::exit(code),

@@ -6,6 +6,7 @@
 //! - [`vcpu_state`], [`vm_state`] the state of a vCPU and of a VM, for save → restore;
 //! - [`pci_devices`] the PCI bus and virtio devices, wired to KVM (irqfd, ioeventfd, MSI
 //!   routes);
+//! - [`snapshot`] checkpoints on disk (full, incremental), lazy restore, merge, inspect;
 //! - [`acpi`] the ACPI tables; [`console`] the console sink that watches for panics;
 //! - [`agent_input`] the host's way into the guest agent's channel (COM2 receive);
 //! - [`vm`] ties it together: config in, outcome out, and the [`Vm`] handle in between.
@@ -20,6 +21,7 @@ pub mod host;
 pub mod layout;
 pub mod memory;
 pub mod pci_devices;
+pub mod snapshot;
 pub mod vcpu;
 pub mod vcpu_setup;
 pub mod vcpu_state;

@@ -1,8 +1,12 @@
 //! Guest RAM: anonymous mappings (optionally hugetlbfs-backed and prefaulted) registered with
-//! vm-memory, so loaders and devices access it through one bounds-checked interface.
+//! vm-memory, so loaders and devices access it through one bounds-checked interface; or, for a
+//! restored checkpoint, private mappings of the checkpoint's memory file ([`map_file`]).
+
+use std::fs::File;
+use std::sync::Arc;
 
 use vm_memory::mmap::MmapRegionBuilder;
-use vm_memory::{GuestAddress, GuestMemoryMmap, GuestRegionMmap};
+use vm_memory::{FileOffset, GuestAddress, GuestMemoryMmap, GuestRegionMmap};
 
 use crate::layout;
 use vhpc_api::MemoryConfig;
@@ -77,6 +81,47 @@ fn map_region(
     }
     GuestRegionMmap::new(region, GuestAddress(start))
         .ok_or_else(|| MemoryError::Register(format!("region at {start:#x} overflows")))
+}
+
+/// One RAM region backed by part of a file: its guest address, length and offset in the file.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct FileRegion {
+    pub guest_addr: u64,
+    pub len: u64,
+    pub file_offset: u64,
+}
+
+/// Maps guest RAM lazily from `file`: a private (copy-on-write) mapping per region, so nothing
+/// is read until the guest (or the VMM) touches a page and the guest's writes never reach the
+/// file. The cost does not grow with the memory size. With `prefault` every page is read now.
+pub fn map_file(
+    file: &Arc<File>,
+    regions: &[FileRegion],
+    prefault: bool,
+) -> Result<GuestMemory, MemoryError> {
+    let mut mapped = Vec::with_capacity(regions.len());
+    for r in regions {
+        let mut flags = libc::MAP_PRIVATE | libc::MAP_NORESERVE;
+        if prefault {
+            flags |= libc::MAP_POPULATE;
+        }
+        let region = MmapRegionBuilder::new(r.len as usize)
+            .with_file_offset(FileOffset::from_arc(file.clone(), r.file_offset))
+            .with_mmap_prot(libc::PROT_READ | libc::PROT_WRITE)
+            .with_mmap_flags(flags)
+            .build()
+            .map_err(|e| MemoryError::Map {
+                mib: r.len >> 20,
+                hint: " from the checkpoint's memory file",
+                source: std::io::Error::other(e.to_string()),
+            })?;
+        let start = r.guest_addr;
+        mapped.push(
+            GuestRegionMmap::new(region, GuestAddress(start))
+                .ok_or_else(|| MemoryError::Register(format!("region at {start:#x} overflows")))?,
+        );
+    }
+    GuestMemoryMmap::from_regions(mapped).map_err(|e| MemoryError::Register(e.to_string()))
 }
 
 fn check_hugepages_backed(

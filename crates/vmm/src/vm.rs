@@ -26,9 +26,10 @@ use crate::console::{ConsoleLog, ConsoleSink};
 use crate::events::{PowerEvents, VmEvent};
 use crate::host::{self, KvmKind};
 use crate::memory::{self, GuestMemory};
+use crate::snapshot::CheckpointLink;
 use crate::vcpu::{VcpuCommand, VcpuError, VcpuHandle, VcpuRunState, install_kick_handler};
 use crate::vcpu_state::VcpuStateCaps;
-use crate::vm_state::{self, IrqchipState, VmState};
+use crate::vm_state::{self, IrqchipState, MachineState, VmState};
 use crate::{acpi, cpuid, layout, vcpu_setup};
 
 /// How a VM ended.
@@ -140,13 +141,18 @@ pub struct Vm {
     agent_port: Arc<Mutex<SerialPort>>,
     paused: AtomicBool,
     dirty_logging: bool,
+    config: VmConfig,
+    /// The checkpoint the dirty log counts from (set by a checkpoint, for the next
+    /// incremental one).
+    last_checkpoint: Option<CheckpointLink>,
 }
 
 impl Vm {
     /// Creates a VM and loads the guest; its vCPUs are ready at the entry point, not running.
     pub fn boot(config: &VmConfig, io: VmIo) -> Result<Vm, VmError> {
         let (kvm, kind) = open_kvm(config)?;
-        let mut vm = Vm::create(&kvm, config, io.console, io.agent)?;
+        let mem = memory::create(&config.memory)?;
+        let mut vm = Vm::create(&kvm, config, mem, io.console, io.agent)?;
         let (entry, all_at_entry) = load_guest(config, &vm.mem, &io.extra_initramfs, kind)?;
         let supported = kvm
             .get_supported_cpuid(KVM_MAX_CPUID_ENTRIES)
@@ -166,18 +172,41 @@ impl Vm {
     /// Creates a VM from a saved state: same config (memory size, vCPU count), fresh devices,
     /// the saved memory, interrupt controllers and vCPUs. Not running until [`Vm::start`].
     pub fn restore(config: &VmConfig, io: VmIo, state: &VmState) -> Result<Vm, VmError> {
-        if state.vcpus.len() != config.vcpus as usize {
+        let mem = memory::create(&config.memory)?;
+        vm_state::restore_memory(&mem, &state.memory)?;
+        Vm::restore_into(config, io, &state.vcpus, &state.irqchip, mem)
+    }
+
+    /// Creates a VM around guest memory that already holds the saved contents (e.g. a lazily
+    /// mapped checkpoint, see [`crate::snapshot`]) and restores interrupt controllers and
+    /// vCPUs into it. Not running until [`Vm::start`].
+    pub fn restore_machine(
+        config: &VmConfig,
+        io: VmIo,
+        state: &MachineState,
+        mem: GuestMemory,
+    ) -> Result<Vm, VmError> {
+        Vm::restore_into(config, io, &state.vcpus, &state.irqchip, mem)
+    }
+
+    fn restore_into(
+        config: &VmConfig,
+        io: VmIo,
+        vcpus: &[crate::VcpuState],
+        irqchip: &IrqchipState,
+        mem: GuestMemory,
+    ) -> Result<Vm, VmError> {
+        if vcpus.len() != config.vcpus as usize {
             return Err(VmError::RestoreMismatch(format!(
                 "the state has {} vCPUs, the config {}",
-                state.vcpus.len(),
+                vcpus.len(),
                 config.vcpus
             )));
         }
         let (kvm, _) = open_kvm(config)?;
-        let mut vm = Vm::create(&kvm, config, io.console, io.agent)?;
-        vm_state::restore_memory(&vm.mem, &state.memory)?;
-        state.irqchip.restore(&vm.fd)?;
-        for (index, saved) in state.vcpus.iter().enumerate() {
+        let mut vm = Vm::create(&kvm, config, mem, io.console, io.agent)?;
+        irqchip.restore(&vm.fd)?;
+        for (index, saved) in vcpus.iter().enumerate() {
             let fd = vm
                 .fd
                 .create_vcpu(index as u64)
@@ -195,6 +224,7 @@ impl Vm {
     fn create(
         kvm: &Kvm,
         config: &VmConfig,
+        mem: GuestMemory,
         console: Box<dyn Write + Send>,
         agent: Box<dyn Write + Send>,
     ) -> Result<Vm, VmError> {
@@ -202,7 +232,6 @@ impl Vm {
             what: "the vCPU kick signal",
             detail: e.to_string(),
         })?;
-        let mem = memory::create(&config.memory)?;
         let fd = Arc::new(kvm.create_vm().map_err(kvm_err("KVM_CREATE_VM"))?);
         register_memory(&fd, &mem, 0)?;
         setup_irqchip(&fd)?;
@@ -227,6 +256,8 @@ impl Vm {
             agent_port,
             paused: AtomicBool::new(false),
             dirty_logging: false,
+            config: config.clone(),
+            last_checkpoint: None,
         })
     }
 
@@ -292,6 +323,17 @@ impl Vm {
 
     /// Saves the whole VM; it must be paused ([`Vm::pause`]).
     pub fn save_state(&self) -> Result<VmState, VmError> {
+        let machine = self.save_machine()?;
+        Ok(VmState {
+            vcpus: machine.vcpus,
+            irqchip: machine.irqchip,
+            memory: vm_state::save_memory(&self.mem)?,
+        })
+    }
+
+    /// Saves everything but guest memory (vCPUs, interrupt controllers, PIT, clock); the VM
+    /// must be paused ([`Vm::pause`]).
+    pub fn save_machine(&self) -> Result<MachineState, VmError> {
         if !self.is_paused() {
             return Err(VmError::NotPaused);
         }
@@ -300,11 +342,29 @@ impl Vm {
             .iter()
             .map(VcpuHandle::save_state)
             .collect::<Result<Vec<_>, _>>()?;
-        Ok(VmState {
+        Ok(MachineState {
             vcpus,
             irqchip: IrqchipState::save(&self.fd)?,
-            memory: vm_state::save_memory(&self.mem)?,
         })
+    }
+
+    /// Whether KVM's dirty log is on.
+    pub fn dirty_logging(&self) -> bool {
+        self.dirty_logging
+    }
+
+    /// The config the VM was built from.
+    pub fn config(&self) -> &VmConfig {
+        &self.config
+    }
+
+    /// The last checkpoint taken of this VM, which the dirty log counts from.
+    pub(crate) fn last_checkpoint(&self) -> Option<&CheckpointLink> {
+        self.last_checkpoint.as_ref()
+    }
+
+    pub(crate) fn set_last_checkpoint(&mut self, link: Option<CheckpointLink>) {
+        self.last_checkpoint = link;
     }
 
     /// Starts or stops KVM's dirty-page log for all guest memory.

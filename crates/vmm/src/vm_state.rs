@@ -23,6 +23,13 @@ pub struct VmState {
     pub memory: Vec<MemoryRegionState>,
 }
 
+/// A VM's state without its memory: what a checkpoint stores beside the memory file.
+#[derive(Debug)]
+pub struct MachineState {
+    pub vcpus: Vec<VcpuState>,
+    pub irqchip: IrqchipState,
+}
+
 /// PIC master and slave, IOAPIC, PIT and kvmclock.
 #[derive(Clone)]
 pub struct IrqchipState {

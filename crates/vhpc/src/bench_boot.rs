@@ -185,10 +185,22 @@ pub fn run(args: BenchBootArgs) -> anyhow::Result<i32> {
     let dir = std::env::temp_dir();
     let guest = prepare_guest(&args, &dir)?;
     let mut samples: Vec<(Contender, Sample)> = Vec::new();
+    let mut failures: Vec<Contender> = Vec::new();
     // Round 0 warms caches up and is discarded; the contenders take turns in every round.
     for round in 0..=args.runs {
         for c in Contender::ALL {
-            let s = boot_once(c, &guest, &vhpc)?;
+            // A boot that fails (never reaches /init) is counted and reported, not fatal: one
+            // stuck VMM must not throw away the other runs.
+            let s = match boot_once(c, &guest, &vhpc) {
+                Ok(s) => s,
+                Err(e) => {
+                    eprintln!("vhpc bench: round {round}/{}: {e:#}", args.runs);
+                    if round > 0 {
+                        failures.push(c);
+                    }
+                    continue;
+                }
+            };
             eprintln!(
                 "vhpc bench: round {round}/{}: {:<24} /init after {:>7.1} ms, VMM RSS {:>6} KiB, peak RSS {:>7} KiB",
                 args.runs,
@@ -203,11 +215,11 @@ pub fn run(args: BenchBootArgs) -> anyhow::Result<i32> {
         }
     }
     let _ = std::fs::remove_file(&guest.initramfs);
-    print_table(&samples, args.runs);
-    Ok(0)
+    print_table(&samples, &failures, args.runs);
+    Ok(if failures.is_empty() { 0 } else { 1 })
 }
 
-fn print_table(samples: &[(Contender, Sample)], runs: u32) {
+fn print_table(samples: &[(Contender, Sample)], failures: &[Contender], runs: u32) {
     let of = |c: Contender, f: fn(&Sample) -> f64| {
         median(
             samples
@@ -226,13 +238,14 @@ fn print_table(samples: &[(Contender, Sample)], runs: u32) {
     );
     println!("medians of {runs} interleaved boots (after one warm-up round)\n");
     println!(
-        "| VMM | start → /init (ms) | vs q35 | VMM-only RSS at /init (MiB) | vs q35 | peak RSS incl. guest (MiB) |"
+        "| VMM | start → /init (ms) | vs q35 | VMM-only RSS at /init (MiB) | vs q35 | peak RSS incl. guest (MiB) | failed boots |"
     );
-    println!("|---|---|---|---|---|---|");
+    println!("|---|---|---|---|---|---|---|");
     for c in Contender::ALL {
         let (t, m, p) = (of(c, to_init), of(c, vmm_rss), of(c, peak));
+        let failed = failures.iter().filter(|&&f| f == c).count();
         println!(
-            "| {} | {t:.0} | {:.2}× | {m:.1} | {:.2}× | {p:.0} |",
+            "| {} | {t:.0} | {:.2}× | {m:.1} | {:.2}× | {p:.0} | {failed} |",
             c.name(),
             t / q35_t,
             m / q35_m

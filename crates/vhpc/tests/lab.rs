@@ -235,6 +235,7 @@ vhpc run --disk /tmp/k.img -- sh -c 'printf synced-before-kill | dd of=/dev/vda 
 pid=$!
 i=0; while ! grep -q MARK /tmp/out && [ $i -lt 600 ]; do sleep 0.1; i=$((i+1)); done
 kill -9 $pid; wait $pid; echo killed=$?
+echo vmm_output=$(tr '\n' '|' < /tmp/out)
 echo image=$(head -c 18 /tmp/k.img)"#,
     );
     assert_eq!(run.status, 0);

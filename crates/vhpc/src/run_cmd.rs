@@ -140,7 +140,20 @@ pub fn run(args: RunArgs) -> anyhow::Result<i32> {
     };
     let (outcome, log) = vhpc_vmm::run(&config, io)?;
     Ok(match outcome {
-        VmOutcome::PowerOff | VmOutcome::Reset => report.exit_status().unwrap_or(0),
+        VmOutcome::PowerOff | VmOutcome::Reset => match report.exit_status() {
+            Some(status) => status,
+            None => {
+                // The command itself powered off or rebooted the guest (that is status 0), or
+                // the guest went down on its own: either way, say so rather than stay silent.
+                let how = if outcome == VmOutcome::Reset {
+                    "rebooted"
+                } else {
+                    "powered off"
+                };
+                eprintln!("vhpc: the guest {how} before the command reported a status");
+                0
+            }
+        },
         VmOutcome::Exit(status) => i32::from(status),
         VmOutcome::Panic => {
             let saved = save_log(&log.contents());

@@ -9,8 +9,10 @@ use vhpc_devices::{PowerEvent, PowerEventHandler};
 pub enum VmEvent {
     /// The guest powered the machine off (ACPI S5).
     PowerOff,
-    /// The guest rebooted (ACPI reset register, i8042 reset, or a triple fault).
+    /// The guest rebooted (ACPI reset register or i8042 reset).
     Reset,
+    /// A vCPU triple-faulted: the CPU reset itself, which a guest never asks for.
+    TripleFault { vcpu: u32 },
     /// The guest kernel panicked (seen on its console).
     Panic,
     /// The guest asked to stop with an exit status (the debug-exit port).

@@ -145,8 +145,8 @@ pub fn handle_exit(index: u32, exit: VcpuExit<'_>, buses: &Buses) -> ExitAction 
         }
         // Without an in-kernel irqchip a halted vCPU with interrupts off can never wake up.
         VcpuExit::Hlt => ExitAction::Stop(VmEvent::PowerOff),
-        // A triple fault: what a PC does then is reset.
-        VcpuExit::Shutdown => ExitAction::Stop(VmEvent::Reset),
+        // A triple fault: a PC resets, but for a guest it means it crashed.
+        VcpuExit::Shutdown => ExitAction::Stop(VmEvent::TripleFault { vcpu: index }),
         VcpuExit::SystemEvent(kind, _) => match kind {
             kvm_bindings::KVM_SYSTEM_EVENT_SHUTDOWN => ExitAction::Stop(VmEvent::PowerOff),
             kvm_bindings::KVM_SYSTEM_EVENT_RESET => ExitAction::Stop(VmEvent::Reset),
@@ -442,7 +442,7 @@ mod tests {
         let (bus, _) = bus();
         assert_eq!(
             handle_exit(0, VcpuExit::Shutdown, &bus),
-            ExitAction::Stop(VmEvent::Reset)
+            ExitAction::Stop(VmEvent::TripleFault { vcpu: 0 })
         );
         assert_eq!(
             handle_exit(

@@ -633,6 +633,9 @@ fn wait_for_end(
         VmEvent::Reset if log.panicked() => VmOutcome::Panic,
         VmEvent::Reset => VmOutcome::Reset,
         VmEvent::Panic => VmOutcome::Panic,
+        VmEvent::TripleFault { vcpu } => VmOutcome::Crash(format!(
+            "vcpu{vcpu} triple-faulted (the guest crashed so hard its CPU reset)"
+        )),
         VmEvent::Crash { vcpu, reason } => VmOutcome::Crash(format!("vcpu{vcpu}: {reason}")),
     }
 }

@@ -33,17 +33,13 @@ pub fn build_host_initramfs(
     out: &Path,
     progress: &mut dyn FnMut(&str),
 ) -> Result<(), LabError> {
-    for (what, path, fix) in [
-        ("the guest kernel", cache.kernel_path(), "vhpc image kernel"),
-        (
-            "the guest initramfs",
-            cache.initramfs_path(),
-            "vhpc image initramfs",
-        ),
-    ] {
-        if !path.exists() {
-            return Err(LabError::MissingInput { what, path, fix });
-        }
+    let kernel = cache.kernel_path();
+    if !kernel.exists() {
+        return Err(LabError::MissingInput {
+            what: "the guest kernel",
+            path: kernel,
+            fix: "vhpc image kernel",
+        });
     }
     progress("building the emulated host's initramfs");
     let file =
@@ -53,7 +49,7 @@ pub fn build_host_initramfs(
     initramfs::add_modules(&mut w, cache, HOST_MODULES).map_err(image_err)?;
     w.add_symlink("usr/local/bin/vhpc", "/init")
         .map_err(image_err)?;
-    add_guest_images(&mut w, cache)?;
+    add_guest_images(&mut w, cache, vhpc_binary, out)?;
     if with_qemu {
         progress("adding qemu-system-x86_64 and its libraries");
         add_qemu(&mut w)?;
@@ -66,7 +62,15 @@ pub fn build_host_initramfs(
         .map_err(LabError::io(format!("cannot write {}", out.display())))
 }
 
-fn add_guest_images<W: Write>(w: &mut CpioWriter<W>, cache: &Cache) -> Result<(), LabError> {
+/// The guest kernel from the cache, and a guest initramfs built afresh around `vhpc_binary`
+/// (the host's own /init): a cached initramfs made by an older build would run an older agent
+/// in the guests, and the lab must test the code at hand.
+fn add_guest_images<W: Write>(
+    w: &mut CpioWriter<W>,
+    cache: &Cache,
+    vhpc_binary: &Path,
+    out: &Path,
+) -> Result<(), LabError> {
     let mut dir = String::new();
     for part in HOST_CACHE_DIR.split('/') {
         if !dir.is_empty() {
@@ -81,12 +85,22 @@ fn add_guest_images<W: Write>(w: &mut CpioWriter<W>, cache: &Cache) -> Result<()
         &cache.kernel_path(),
     )
     .map_err(image_err)?;
-    w.add_file_from_path(
+    let guest_initramfs = out.with_extension("guest.cpio");
+    initramfs::build_guest_initramfs(
+        cache,
+        vhpc_binary,
+        Path::new("/bin/busybox"),
+        &guest_initramfs,
+        &mut |_| {},
+    )
+    .map_err(image_err)?;
+    let added = w.add_file_from_path(
         &format!("{HOST_CACHE_DIR}/initramfs.cpio"),
         0o644,
-        &cache.initramfs_path(),
-    )
-    .map_err(image_err)
+        &guest_initramfs,
+    );
+    let _ = std::fs::remove_file(&guest_initramfs);
+    added.map_err(image_err)
 }
 
 /// QEMU, every shared library `ldd` names, and its firmware, so QEMU runs in the host too.

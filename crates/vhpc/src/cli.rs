@@ -35,6 +35,28 @@ pub enum Command {
     /// Start a new VM from a checkpoint (or the chain ending at it) and run it until the guest
     /// ends; exit with the guest's status, as `vhpc run` does.
     Restore(RestoreArgs),
+    /// Inside a guest: measure block-device throughput with direct I/O (used by `vhpc bench blk`).
+    #[command(hide = true)]
+    GuestIo(GuestIoArgs),
+}
+
+#[derive(Args)]
+pub struct GuestIoArgs {
+    /// The block device (or file) to measure.
+    #[arg(long)]
+    pub dev: PathBuf,
+    /// Request size in bytes (a power of two, at least 512).
+    #[arg(long, default_value_t = 4096)]
+    pub bs: usize,
+    /// The span of the device the tests cover, from its start, in MiB.
+    #[arg(long, default_value_t = 256)]
+    pub size_mib: u64,
+    /// How long each test runs.
+    #[arg(long, default_value_t = 5.0)]
+    pub seconds: f64,
+    /// The tests, in order.
+    #[arg(value_enum, required = true)]
+    pub patterns: Vec<crate::guest_io::IoPattern>,
 }
 
 #[derive(Subcommand)]
@@ -176,6 +198,29 @@ pub enum BenchCommand {
     /// memory size (lazy mapping), with vhpc's test guest on this host's /dev/kvm; QEMU's
     /// migrate-to-file and -incoming on the same guest beside it.
     Snapshot(BenchSnapshotArgs),
+    /// virtio-blk throughput in the guest (sequential 1 MiB, random 4 KiB, direct I/O, queue
+    /// depth 1), vhpc vs QEMU q35 virtio-blk-pci on the same disk file
+    /// (`vhpc lab run --with-qemu --memory 3072 -- vhpc bench blk`).
+    Blk(BenchBlkArgs),
+}
+
+#[derive(Args)]
+pub struct BenchBlkArgs {
+    /// Boots per VMM, interleaved.
+    #[arg(long, default_value_t = 3)]
+    pub runs: u32,
+    /// Guest memory in MiB.
+    #[arg(long, default_value_t = 512)]
+    pub memory: u64,
+    /// Size of the disk (fully written) the tests run over, in MiB.
+    #[arg(long, default_value_t = 256)]
+    pub disk_mib: u64,
+    /// Seconds per test.
+    #[arg(long, default_value_t = 5)]
+    pub seconds: u32,
+    /// Where the disk file goes (a directory on the disk to measure).
+    #[arg(long, default_value = "/var/tmp")]
+    pub dir: PathBuf,
 }
 
 #[derive(Args)]

@@ -1,6 +1,7 @@
 //! `vhpc`: the one binary. On the host it is the command line (`vhpc run|vm|exec|image|lab ...`);
 //! copied into an initramfs and started by the kernel as pid 1, it is the guest's /init agent.
 
+mod bench_blk;
 mod bench_boot;
 mod bench_direct;
 mod bench_measure;
@@ -8,6 +9,7 @@ mod bench_qemu;
 mod bench_snapshot;
 mod cli;
 mod exit_codes;
+mod guest_io;
 mod image_cmd;
 mod lab_cmd;
 mod relay;
@@ -34,6 +36,8 @@ fn main() {
         cli::Command::Bench(cli::BenchCommand::Snapshot(args)) => bench_snapshot::run(args),
         cli::Command::Snapshot(cmd) => snapshot_cmd::run(cmd),
         cli::Command::Restore(args) => snapshot_cmd::restore(args),
+        cli::Command::GuestIo(args) => guest_io::run(args),
+        cli::Command::Bench(cli::BenchCommand::Blk(args)) => bench_blk::run(args),
     };
     match status {
         Ok(code) => std::process::exit(code),

@@ -7,6 +7,7 @@
 //! - [`pci_devices`] the PCI bus and virtio devices, wired to KVM (irqfd, ioeventfd, MSI
 //!   routes);
 //! - [`snapshot`] checkpoints on disk (full, incremental), lazy restore, merge, inspect;
+//! - [`migration`] live migration to another VMM process over a stream (pre-copy);
 //! - [`acpi`] the ACPI tables; [`console`] the console sink that watches for panics;
 //! - [`agent_input`] the host's way into the guest agent's channel (COM2 receive);
 //! - [`vm`] ties it together: config in, outcome out, and the [`Vm`] handle in between.
@@ -20,6 +21,7 @@ pub mod events;
 pub mod host;
 pub mod layout;
 pub mod memory;
+pub mod migration;
 pub mod pci_devices;
 pub mod snapshot;
 pub mod vcpu;

@@ -123,11 +123,11 @@ fn enc<T: Serialize>(name: String, version: u32, value: &T) -> Result<Component,
 }
 
 fn dec<'a, T: Deserialize<'a>>(
-    body: &'a StateBody,
+    components: &'a [Component],
     name: &str,
     version: u32,
 ) -> Result<T, FormatError> {
-    let data = body.component(name, version)?;
+    let data = super::format::find_component(components, name, version)?;
     postcard::from_bytes(data).map_err(|e| FormatError::Decode(format!("component {name}: {e}")))
 }
 
@@ -161,16 +161,21 @@ pub fn encode(machine: &MachineState) -> Result<Vec<Component>, FormatError> {
     Ok(out)
 }
 
-/// The machine state of a decoded body with `vcpus` vCPUs.
+/// The machine state of a decoded body.
 pub fn decode(body: &StateBody) -> Result<MachineState, FormatError> {
-    let chip: IrqchipV1 = dec(body, IRQCHIP, IRQCHIP_VERSION)?;
-    let mut vcpus = Vec::new();
-    for index in 0..body.config.vcpus as usize {
-        let v: VcpuV1 = dec(body, &vcpu_name(index), VCPU_VERSION)?;
+    decode_list(&body.components, body.config.vcpus)
+}
+
+/// The machine state in `components`, of a VM with `vcpus` vCPUs.
+pub fn decode_list(components: &[Component], vcpus: u32) -> Result<MachineState, FormatError> {
+    let chip: IrqchipV1 = dec(components, IRQCHIP, IRQCHIP_VERSION)?;
+    let mut states = Vec::new();
+    for index in 0..vcpus as usize {
+        let v: VcpuV1 = dec(components, &vcpu_name(index), VCPU_VERSION)?;
         let cpuid = CpuId::from_entries(&v.cpuid).map_err(|_| {
             FormatError::Decode(format!("vcpu.{index}: {} CPUID entries", v.cpuid.len()))
         })?;
-        vcpus.push(VcpuState {
+        states.push(VcpuState {
             cpuid,
             regs: v.regs,
             sregs: v.sregs,
@@ -186,7 +191,7 @@ pub fn decode(body: &StateBody) -> Result<MachineState, FormatError> {
         });
     }
     Ok(MachineState {
-        vcpus,
+        vcpus: states,
         irqchip: IrqchipState {
             chips: chip.chips,
             pit: chip.pit,

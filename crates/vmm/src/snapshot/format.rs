@@ -211,8 +211,18 @@ pub struct Component {
 impl StateBody {
     /// The component called `name`, checked to be of `version`.
     pub fn component(&self, name: &str, version: u32) -> Result<&[u8], FormatError> {
-        let c = self
-            .components
+        find_component(&self.components, name, version)
+    }
+}
+
+/// The component called `name` in `components`, checked to be of `version`.
+pub fn find_component<'a>(
+    components: &'a [Component],
+    name: &str,
+    version: u32,
+) -> Result<&'a [u8], FormatError> {
+    {
+        let c = components
             .iter()
             .find(|c| c.name == name)
             .ok_or_else(|| FormatError::MissingComponent(name.into()))?;

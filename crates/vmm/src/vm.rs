@@ -140,11 +140,11 @@ pub struct Vm {
     /// COM2, for [`Vm::agent_input`].
     agent_port: Arc<Mutex<SerialPort>>,
     paused: AtomicBool,
-    dirty_logging: bool,
+    dirty_logging: AtomicBool,
     config: VmConfig,
     /// The checkpoint the dirty log counts from (set by a checkpoint, for the next
     /// incremental one).
-    last_checkpoint: Option<CheckpointLink>,
+    last_checkpoint: Mutex<Option<CheckpointLink>>,
 }
 
 impl Vm {
@@ -255,9 +255,9 @@ impl Vm {
             log,
             agent_port,
             paused: AtomicBool::new(false),
-            dirty_logging: false,
+            dirty_logging: AtomicBool::new(false),
             config: config.clone(),
-            last_checkpoint: None,
+            last_checkpoint: Mutex::new(None),
         })
     }
 
@@ -350,7 +350,7 @@ impl Vm {
 
     /// Whether KVM's dirty log is on.
     pub fn dirty_logging(&self) -> bool {
-        self.dirty_logging
+        self.dirty_logging.load(Ordering::SeqCst)
     }
 
     /// The config the VM was built from.
@@ -359,19 +359,25 @@ impl Vm {
     }
 
     /// The last checkpoint taken of this VM, which the dirty log counts from.
-    pub(crate) fn last_checkpoint(&self) -> Option<&CheckpointLink> {
-        self.last_checkpoint.as_ref()
+    pub(crate) fn last_checkpoint(&self) -> Option<CheckpointLink> {
+        self.last_checkpoint
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .clone()
     }
 
-    pub(crate) fn set_last_checkpoint(&mut self, link: Option<CheckpointLink>) {
-        self.last_checkpoint = link;
+    pub(crate) fn set_last_checkpoint(&self, link: Option<CheckpointLink>) {
+        *self
+            .last_checkpoint
+            .lock()
+            .unwrap_or_else(|p| p.into_inner()) = link;
     }
 
     /// Starts or stops KVM's dirty-page log for all guest memory.
-    pub fn set_dirty_logging(&mut self, on: bool) -> Result<(), VmError> {
+    pub fn set_dirty_logging(&self, on: bool) -> Result<(), VmError> {
         let flags = if on { KVM_MEM_LOG_DIRTY_PAGES } else { 0 };
         register_memory(&self.fd, &self.mem, flags)?;
-        self.dirty_logging = on;
+        self.dirty_logging.store(on, Ordering::SeqCst);
         Ok(())
     }
 
@@ -379,7 +385,7 @@ impl Vm {
     /// since the last call (KVM_GET_DIRTY_LOG clears the log), in ascending order. Writes the
     /// VMM makes itself (loading the kernel, restoring memory) are not in it.
     pub fn dirty_pages(&self) -> Result<Vec<u64>, VmError> {
-        if !self.dirty_logging {
+        if !self.dirty_logging() {
             return Err(VmError::DirtyLogOff);
         }
         let mut pages = Vec::new();

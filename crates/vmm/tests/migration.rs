@@ -52,7 +52,7 @@ fn a_running_guest_migrates_and_continues_exactly() {
         downtime: Duration::from_millis(50),
         ..Default::default()
     };
-    let stats = migration::migrate(&mut vm, &mut here, &opts, &mut |p| reports.push(*p)).unwrap();
+    let stats = migration::migrate(&vm, &mut here, &opts, &mut |p| reports.push(*p)).unwrap();
     eprintln!("{stats:?}");
     assert!(
         vm.is_paused(),
@@ -116,7 +116,7 @@ fn a_stream_cut_half_way_leaves_the_source_running_and_the_guest_exact() {
             inner: here,
             budget,
         };
-        let err = migration::migrate(&mut vm, &mut cut, &MigrationOptions::default(), &mut |_| {})
+        let err = migration::migrate(&vm, &mut cut, &MigrationOptions::default(), &mut |_| {})
             .unwrap_err();
         assert!(!err.handover_unknown(), "{err}");
         assert!(!vm.is_paused(), "the source runs on after: {err}");
@@ -147,13 +147,8 @@ fn a_destination_that_refuses_or_gives_up_leaves_the_source_running() {
         ..Default::default()
     };
     let receiver = spawn_receiver(there, small);
-    let err = migration::migrate(
-        &mut vm,
-        &mut here,
-        &MigrationOptions::default(),
-        &mut |_| {},
-    )
-    .unwrap_err();
+    let err =
+        migration::migrate(&vm, &mut here, &MigrationOptions::default(), &mut |_| {}).unwrap_err();
     assert!(matches!(err, MigrationError::Refused(_)), "{err}");
     assert!(err.to_string().contains("does not fit"), "{err}");
     assert!(receiver.join().unwrap().is_err());
@@ -173,13 +168,8 @@ fn a_destination_that_refuses_or_gives_up_leaves_the_source_running() {
         }
         wire::write_frame(&mut there, Kind::Abort, b"out of memory here").unwrap();
     });
-    let err = migration::migrate(
-        &mut vm,
-        &mut here,
-        &MigrationOptions::default(),
-        &mut |_| {},
-    )
-    .unwrap_err();
+    let err =
+        migration::migrate(&vm, &mut here, &MigrationOptions::default(), &mut |_| {}).unwrap_err();
     fake.join().unwrap();
     assert!(
         matches!(err, MigrationError::PeerAborted(ref m) if m.contains("out of memory")),

@@ -46,7 +46,7 @@ pub struct MigrationStats {
 /// paused and belongs to the destination: the caller ends it. On an error before the handover
 /// it runs as before (if it was running); see [`MigrationError::handover_unknown`].
 pub fn migrate<S: Read + Write>(
-    vm: &mut Vm,
+    vm: &Vm,
     stream: &mut S,
     opts: &MigrationOptions,
     progress: &mut dyn FnMut(&Progress),
@@ -97,7 +97,7 @@ pub fn migrate<S: Read + Write>(
 }
 
 struct Sender<'a, S> {
-    vm: &'a mut Vm,
+    vm: &'a Vm,
     stream: &'a mut S,
     opts: &'a MigrationOptions,
     progress: &'a mut dyn FnMut(&Progress),

@@ -173,10 +173,7 @@ fn write_checkpoint(
     let parent = match kind {
         CheckpointKind::Full => None,
         CheckpointKind::Incremental => {
-            let link = vm
-                .last_checkpoint()
-                .cloned()
-                .ok_or(SnapshotError::NoParent)?;
+            let link = vm.last_checkpoint().ok_or(SnapshotError::NoParent)?;
             if !vm.dirty_logging() {
                 return Err(SnapshotError::NoParent);
             }

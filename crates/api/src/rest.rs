@@ -24,6 +24,8 @@ pub enum VmRunState {
     Paused,
     /// Power-off requested; the process exits when the guest is off.
     Stopping,
+    /// Being migrated away (`vhpc migrate`); the process exits once the destination runs it.
+    Migrating,
 }
 
 impl VmRunState {
@@ -33,6 +35,7 @@ impl VmRunState {
             VmRunState::Running => "running",
             VmRunState::Paused => "paused",
             VmRunState::Stopping => "stopping",
+            VmRunState::Migrating => "migrating",
         }
     }
 }
@@ -95,4 +98,51 @@ pub struct Health {
 pub struct ErrorBody {
     /// What went wrong and what to do about it.
     pub error: String,
+}
+
+/// `PUT /vm/migrate` request body.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct MigrateRequest {
+    /// The destination, `HOST:PORT`, where `vhpc vm receive` listens.
+    pub to: String,
+    /// The longest pause of the guest to aim for, in milliseconds (default 300).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub downtime_ms: Option<u64>,
+}
+
+/// One line of the `PUT /vm/migrate` response (newline-delimited JSON): exactly one field is
+/// set; progress lines come as rounds end, the last line has `done` or `error`.
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
+pub struct MigrateEvent {
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub progress: Option<MigrateProgress>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub done: Option<MigrateDone>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub error: Option<String>,
+}
+
+/// Where a migration is.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct MigrateProgress {
+    /// `first-round` (all of memory), `round` (dirtied pages), `stop-and-copy`.
+    pub phase: String,
+    pub round: u32,
+    pub pages_sent: u64,
+    /// First round: the pages of guest memory; stop-and-copy: the dirty pages left.
+    pub remaining_pages: u64,
+    pub elapsed_ms: u64,
+}
+
+/// What a finished migration did.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct MigrateDone {
+    pub rounds: u32,
+    pub pages_sent: u64,
+    /// Pages sent while the guest was paused.
+    pub final_pages: u64,
+    pub total_ms: f64,
+    /// From the source's vCPUs stopped to the destination's confirmation that it runs.
+    pub downtime_ms: f64,
 }

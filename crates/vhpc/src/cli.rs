@@ -29,6 +29,9 @@ pub enum Command {
     Vm(crate::vm::VmCommand),
     /// Run a command in a long-running VM; its output streams here, its status is ours.
     Exec(crate::vm::ExecArgs),
+    /// Move a running VM to another VMM process (this host or another) while it runs; the
+    /// destination waits with `vhpc vm receive NAME --listen HOST:PORT`.
+    Migrate(crate::vm::MigrateArgs),
     /// Checkpoints on disk: inspect and verify one, merge a chain into one.
     #[command(subcommand)]
     Snapshot(SnapshotCommand),

@@ -33,6 +33,7 @@ fn main() {
         cli::Command::Bench(cli::BenchCommand::Direct(args)) => bench_direct::run(args),
         cli::Command::Vm(cmd) => vm::run(cmd),
         cli::Command::Exec(args) => vm::commands::exec(args),
+        cli::Command::Migrate(args) => vm::commands::migrate(args),
         cli::Command::Bench(cli::BenchCommand::Snapshot(args)) => bench_snapshot::run(args),
         cli::Command::Snapshot(cmd) => snapshot_cmd::run(cmd),
         cli::Command::Restore(args) => snapshot_cmd::restore(args),

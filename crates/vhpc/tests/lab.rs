@@ -340,3 +340,73 @@ fn long_running_vm_exec_pause_resume_stop() {
     assert_eq!(field(&run, "after_stop"), "0");
     assert_eq!(field(&run, "dirs"), "0");
 }
+
+#[test]
+#[ignore = "lab test: boots emulated hosts; run by scripts/test.sh"]
+fn live_migration_moves_a_running_vm_and_a_broken_one_leaves_the_source_running() {
+    let script = format!(
+        "ip link set lo up; \
+         vhpc vm start a --memory 256; echo start=$?; \
+         vhpc exec a -- sh -c '{COUNTER}'; sleep 2; \
+         up0=$(vhpc exec a -- cut -d' ' -f1 /proc/uptime); \
+         vhpc vm receive x --listen 127.0.0.1:7001; echo recv_x=$?; \
+         (sleep 3; kill -9 $(cat /run/vhpc/x/pid)) & \
+         vhpc migrate a --to 127.0.0.1:7001; echo broken=$?; wait; \
+         c1=$(vhpc exec a -- cat /tmp/c); echo after_broken_exec=$?; \
+         sleep 1; c2=$(vhpc exec a -- cat /tmp/c); echo broken_delta=$((c2-c1)); \
+         vhpc vm receive b --listen 127.0.0.1:7000; echo recv=$?; \
+         c3=$(vhpc exec a -- cat /tmp/c); \
+         vhpc migrate a --to 127.0.0.1:7000 --downtime-ms 100; echo migrate=$?; \
+         vhpc vm list | sed 's/^/list: /'; \
+         c4=$(vhpc exec b -- cat /tmp/c); echo exec_b=$?; \
+         sleep 2; c5=$(vhpc exec b -- cat /tmp/c); \
+         echo moved_delta=$((c4-c3)); echo running_delta=$((c5-c4)); \
+         up1=$(vhpc exec b -- cut -d' ' -f1 /proc/uptime); \
+         echo same_boot=$(awk \"BEGIN{{print ($up1 > $up0)}}\"); \
+         echo a_left=$(vhpc vm list | grep -c '^a '); \
+         vhpc vm stop b; echo stop=$?"
+    );
+    let run = lab(2, &script);
+    assert_eq!(run.status, 0);
+    assert_eq!(field(&run, "start"), "0");
+    assert_eq!(field(&run, "recv_x"), "0");
+    assert_eq!(
+        field(&run, "broken"),
+        "125",
+        "a migration whose destination died fails"
+    );
+    assert!(run.stderr.contains("migration failed"), "and says so");
+    assert_eq!(
+        field(&run, "after_broken_exec"),
+        "0",
+        "the source still answers"
+    );
+    let broken: i64 = field(&run, "broken_delta").parse().expect("counter");
+    assert!(
+        broken > 0,
+        "the source's guest runs on after the failed migration"
+    );
+    assert_eq!(field(&run, "recv"), "0");
+    assert_eq!(field(&run, "migrate"), "0");
+    assert!(run.stderr.contains("migrated to 127.0.0.1:7000"));
+    assert!(
+        run.stdout
+            .lines()
+            .any(|l| l.starts_with("list: b ") && l.contains(" running "))
+    );
+    assert_eq!(
+        field(&run, "exec_b"),
+        "0",
+        "the agent answers at the destination"
+    );
+    let moved: i64 = field(&run, "moved_delta").parse().expect("counter");
+    let running: i64 = field(&run, "running_delta").parse().expect("counter");
+    assert!(
+        moved >= 0,
+        "the guest's memory came along (counter {moved} steps on)"
+    );
+    assert!(running > 0, "the guest runs on at the destination");
+    assert_eq!(field(&run, "same_boot"), "1", "no reboot: uptime went on");
+    assert_eq!(field(&run, "a_left"), "0", "the source VM is gone");
+    assert_eq!(field(&run, "stop"), "0");
+}

@@ -111,6 +111,11 @@ pub fn host_limits(kvm: &Kvm) -> HostLimits {
     }
 }
 
+/// This host's limits (opens /dev/kvm).
+pub fn current_host_limits() -> Result<HostLimits, VmError> {
+    Ok(host_limits(&Kvm::new().map_err(VmError::OpenKvm)?))
+}
+
 /// Boots the VM described by `config` and runs it until it ends.
 pub fn run(config: &VmConfig, io: VmIo) -> Result<(VmOutcome, ConsoleLog), VmError> {
     let timeout = io.timeout;

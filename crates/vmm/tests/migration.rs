@@ -26,7 +26,7 @@ fn spawn_receiver(
     opts: ReceiveOptions,
 ) -> std::thread::JoinHandle<Result<(VmOutcome, String), MigrationError>> {
     std::thread::spawn(move || {
-        let vm = migration::receive(&mut stream, io(), &opts, &mut |_| {})?;
+        let vm = migration::receive(&mut stream, io(), &opts, &mut |_| {})?.vm;
         let outcome = vm.wait(Some(WAIT));
         Ok((outcome, console(&vm)))
     })
@@ -209,6 +209,7 @@ fn a_receiver_fed_damaged_streams_errs_and_never_panics() {
         vhpc_version: "test".into(),
         host: vhpc_vmm::snapshot::HostInfo::current(),
         config: config(1, 16, "count=1"),
+        labels: vec![("agent_version".into(), "test".into())],
     };
     wire::write_postcard(&mut good, Kind::Hello, &hello).unwrap();
     let page = vec![0x5au8; wire::PAGE_SIZE];

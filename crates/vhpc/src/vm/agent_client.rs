@@ -129,6 +129,12 @@ impl AgentClient {
         *self.input.lock().unwrap_or_else(|p| p.into_inner()) = Some(input);
     }
 
+    /// Takes the agent as announced with `version` (its session continues in a VM that was
+    /// migrated or restored here after it announced itself).
+    pub fn assume_ready(&self, version: String) {
+        self.shared.lock().agent_version = Some(version);
+    }
+
     /// The agent's version once it has announced itself.
     pub fn agent_version(&self) -> Option<String> {
         self.shared.lock().agent_version.clone()

@@ -9,7 +9,9 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::Duration;
 
 use serde::Serialize;
-use vhpc_api::rest::{ErrorBody, ExecEvent, ExecRequest, Health, VmInfo};
+use vhpc_api::rest::{
+    ErrorBody, ExecEvent, ExecRequest, Health, MigrateEvent, MigrateRequest, VmInfo,
+};
 
 use super::http::{self, Request};
 
@@ -20,6 +22,7 @@ pub const ROUTES: &[(&str, &[&str])] = &[
     ("/vm/pause", &["PUT"]),
     ("/vm/resume", &["PUT"]),
     ("/vm/shutdown", &["PUT"]),
+    ("/vm/migrate", &["PUT"]),
     ("/exec", &["POST"]),
     ("/health", &["GET"]),
 ];
@@ -58,6 +61,13 @@ pub trait Backend: Send + Sync {
         &self,
         request: ExecRequest,
         event: &mut dyn FnMut(ExecEvent) -> io::Result<()>,
+    ) -> Result<(), ApiError>;
+    /// Migrates the VM to another VMM process, handing progress and finally the outcome to
+    /// `event`; on success the process exits once the response is out.
+    fn migrate(
+        &self,
+        request: MigrateRequest,
+        event: &mut dyn FnMut(MigrateEvent) -> io::Result<()>,
     ) -> Result<(), ApiError>;
 }
 
@@ -150,6 +160,7 @@ pub fn respond(req: &Request, backend: &dyn Backend, w: &mut impl Write) -> io::
         "/vm/resume" => backend.resume().map(|()| no_content(w, 204)),
         "/vm/shutdown" => backend.shutdown().map(|()| no_content(w, 202)),
         "/exec" => return exec(req, backend, w),
+        "/vm/migrate" => return migrate(req, backend, w),
         _ => Err(ApiError::new(500, "route table and handlers disagree")),
     };
     match result {
@@ -173,30 +184,67 @@ fn exec(req: &Request, backend: &dyn Backend, w: &mut impl Write) -> io::Result<
             return send_error(w, &ApiError::new(400, msg));
         }
     };
+    stream_events(
+        w,
+        "the exec produced no status",
+        |event| backend.exec(request, event),
+        |error| ExecEvent {
+            error: Some(error),
+            ..ExecEvent::default()
+        },
+    )
+}
+
+/// `PUT /vm/migrate`: checks the body, then streams newline-delimited JSON events.
+fn migrate(req: &Request, backend: &dyn Backend, w: &mut impl Write) -> io::Result<()> {
+    let request: MigrateRequest = match serde_json::from_slice(&req.body) {
+        Ok(r) => r,
+        Err(e) => {
+            let msg = format!(
+                "invalid migrate request body: {e}; expected {{\"to\": \"HOST:PORT\", \"downtime_ms\": N (optional)}}"
+            );
+            return send_error(w, &ApiError::new(400, msg));
+        }
+    };
+    stream_events(
+        w,
+        "the migration reported no outcome",
+        |event| backend.migrate(request, event),
+        |error| MigrateEvent {
+            error: Some(error),
+            ..MigrateEvent::default()
+        },
+    )
+}
+
+/// Runs `action`, streaming the events it hands over as newline-delimited JSON (the response
+/// head goes out with the first one). An error before the first event is a plain error
+/// response; an error after it is one last event made by `error_event`.
+fn stream_events<E: Serialize>(
+    w: &mut impl Write,
+    silent: &str,
+    action: impl FnOnce(&mut dyn FnMut(E) -> io::Result<()>) -> Result<(), ApiError>,
+    error_event: impl FnOnce(String) -> E,
+) -> io::Result<()> {
     let mut started = false;
-    let result = backend.exec(request, &mut |event| {
+    let write_event = |w: &mut dyn Write, event: &E| -> io::Result<()> {
+        let mut line = serde_json::to_vec(event).map_err(io::Error::other)?;
+        line.push(b'\n');
+        w.write_all(&line)?;
+        w.flush()
+    };
+    let result = action(&mut |event| {
         if !started {
             http::write_stream_head(w, 200, "application/x-ndjson")?;
             started = true;
         }
-        let mut line = serde_json::to_vec(&event).map_err(io::Error::other)?;
-        line.push(b'\n');
-        w.write_all(&line)?;
-        w.flush()
+        write_event(w, &event)
     });
     match result {
         Ok(()) if started => Ok(()),
-        Ok(()) => send_error(w, &ApiError::new(500, "the exec produced no status")),
+        Ok(()) => send_error(w, &ApiError::new(500, silent)),
         Err(e) if !started => send_error(w, &e),
-        Err(e) => {
-            let event = ExecEvent {
-                error: Some(e.message),
-                ..ExecEvent::default()
-            };
-            let mut line = serde_json::to_vec(&event).map_err(io::Error::other)?;
-            line.push(b'\n');
-            w.write_all(&line)
-        }
+        Err(e) => write_event(w, &error_event(e.message)),
     }
 }
 

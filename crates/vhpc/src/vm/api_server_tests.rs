@@ -102,6 +102,46 @@ impl Backend for Fake {
         }
         Ok(())
     }
+    fn migrate(
+        &self,
+        request: MigrateRequest,
+        event: &mut dyn FnMut(MigrateEvent) -> io::Result<()>,
+    ) -> Result<(), ApiError> {
+        match *self.state.lock().unwrap() {
+            VmRunState::Running | VmRunState::Paused => {}
+            other => return Err(ApiError::new(409, format!("the VM is {}", other.as_str()))),
+        }
+        if request.to.starts_with("unreachable") {
+            return Err(ApiError::new(502, "cannot reach the destination"));
+        }
+        let progress = vhpc_api::rest::MigrateProgress {
+            phase: "first-round".into(),
+            round: 0,
+            pages_sent: 10,
+            remaining_pages: 100,
+            elapsed_ms: 5,
+        };
+        let done = vhpc_api::rest::MigrateDone {
+            rounds: 2,
+            pages_sent: 120,
+            final_pages: 3,
+            total_ms: 40.0,
+            downtime_ms: 2.5,
+        };
+        for e in [
+            MigrateEvent {
+                progress: Some(progress),
+                ..Default::default()
+            },
+            MigrateEvent {
+                done: Some(done),
+                ..Default::default()
+            },
+        ] {
+            event(e).map_err(|e| ApiError::new(500, e.to_string()))?;
+        }
+        Ok(())
+    }
 }
 
 /// Sends raw request bytes through the parser and the router; returns status and body.
@@ -176,6 +216,24 @@ fn bad_requests_get_400_404_405_and_the_server_goes_on() {
     assert_eq!(status, 400);
     assert!(error_text(&body).contains("request line"));
     assert_eq!(call(&fake, "GET", "/vm", "").0, 200, "still serving");
+}
+
+#[test]
+fn migrate_streams_progress_then_the_outcome() {
+    let fake = Fake::new(VmRunState::Running);
+    let (status, body) = call(&fake, "PUT", "/vm/migrate", r#"{"to":"h:1"}"#);
+    assert_eq!(status, 200);
+    let events: Vec<MigrateEvent> = String::from_utf8(body)
+        .unwrap()
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect();
+    assert_eq!(events.len(), 2);
+    assert!(events[0].progress.is_some());
+    assert_eq!(events[1].done.as_ref().map(|d| d.rounds), Some(2));
+    let (status, body) = call(&fake, "PUT", "/vm/migrate", r#"{"to":"h:1","bogus":1}"#);
+    assert_eq!(status, 400);
+    assert!(error_text(&body).contains("HOST:PORT"));
 }
 
 #[test]
@@ -325,6 +383,7 @@ fn server_and_spec_agree() {
 
     let fake = Fake::new(VmRunState::Running);
     let exec_body = r#"{"argv":["echo","x"],"stdin":"eA=="}"#;
+    let migrate_body = r#"{"to":"10.0.0.2:7000","downtime_ms":100}"#;
     // (method, path, body, VM state): each call's status must be in the spec for its route
     // and its body must fit the schema the spec gives for that status.
     let calls: &[(&str, &str, &str, VmRunState)] = &[
@@ -339,6 +398,15 @@ fn server_and_spec_agree() {
         ("PUT", "/vm/resume", "", VmRunState::Paused),
         ("PUT", "/vm/resume", "", VmRunState::Running),
         ("PUT", "/vm/shutdown", "", VmRunState::Running),
+        ("PUT", "/vm/migrate", migrate_body, VmRunState::Running),
+        ("PUT", "/vm/migrate", migrate_body, VmRunState::Stopping),
+        (
+            "PUT",
+            "/vm/migrate",
+            r#"{"to":"unreachable:1"}"#,
+            VmRunState::Running,
+        ),
+        ("PUT", "/vm/migrate", r#"{"to":5}"#, VmRunState::Running),
     ];
     for (method, path, body, state) in calls {
         *fake.state.lock().unwrap() = *state;
@@ -359,4 +427,8 @@ fn server_and_spec_agree() {
     }
     let request: Value = serde_json::from_str(exec_body).unwrap();
     spec.check("ExecRequest", &request);
+    spec.check(
+        "MigrateRequest",
+        &serde_json::from_str(migrate_body).unwrap(),
+    );
 }

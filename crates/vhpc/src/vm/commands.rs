@@ -12,14 +12,17 @@ use std::time::{Duration, Instant};
 use anyhow::{Context, bail};
 use base64::Engine as _;
 use base64::engine::general_purpose::STANDARD as BASE64;
-use vhpc_api::rest::{ErrorBody, ExecEvent, ExecRequest, VmInfo, VmRunState, VmSpec};
+use vhpc_api::rest::{
+    ErrorBody, ExecEvent, ExecRequest, MigrateEvent, MigrateRequest, VmInfo, VmRunState, VmSpec,
+};
 use vhpc_api::{MemoryConfig, VmConfig};
 use vhpc_guest::protocol::SERVE_FLAG;
 
 use super::http;
+use super::migrate_vm::incoming_file;
 use super::state_dir::{Runtime, VmDir};
 use super::vmm_process::MAX_STDIN;
-use super::{ApiArgs, ExecArgs, StartArgs};
+use super::{ApiArgs, ExecArgs, MigrateArgs, ReceiveArgs, StartArgs};
 
 /// Timeout for API calls that do not run guest commands.
 const API_TIMEOUT: Duration = Duration::from_secs(30);
@@ -61,7 +64,7 @@ pub fn start(args: StartArgs) -> anyhow::Result<i32> {
     };
     std::fs::write(dir.config_json(), serde_json::to_vec_pretty(&spec)?)
         .with_context(|| format!("cannot write {}", dir.config_json().display()))?;
-    let mut child = spawn_vmm(&dir, &lock)?;
+    let mut child = spawn_vmm(&dir, &lock, &[])?;
     let mut pid_file = &lock;
     pid_file.set_len(0)?;
     writeln!(pid_file, "{}", child.id())?;
@@ -70,7 +73,7 @@ pub fn start(args: StartArgs) -> anyhow::Result<i32> {
     Ok(0)
 }
 
-fn spawn_vmm(dir: &VmDir, lock: &File) -> anyhow::Result<Child> {
+fn spawn_vmm(dir: &VmDir, lock: &File, extra: &[String]) -> anyhow::Result<Child> {
     let exe = std::env::current_exe().context("cannot find the vhpc binary to start the VMM")?;
     let log = File::create(dir.vmm_log())
         .with_context(|| format!("cannot create {}", dir.vmm_log().display()))?;
@@ -78,6 +81,7 @@ fn spawn_vmm(dir: &VmDir, lock: &File) -> anyhow::Result<Child> {
     let mut cmd = Command::new(exe);
     cmd.args(["vm", "serve", "--lock-fd", &fd.to_string(), "--dir"])
         .arg(&dir.path)
+        .args(extra)
         .stdin(Stdio::null())
         .stdout(log.try_clone()?)
         .stderr(log);
@@ -101,6 +105,111 @@ fn spawn_vmm(dir: &VmDir, lock: &File) -> anyhow::Result<Child> {
         });
     }
     cmd.spawn().context("cannot start the VMM process")
+}
+
+/// `vhpc vm receive`: state directory, detached VMM process listening for the migration;
+/// returns once it listens.
+pub fn receive(args: ReceiveArgs) -> anyhow::Result<i32> {
+    let runtime = Runtime::from_env();
+    let (dir, lock) = runtime.create(&args.name)?;
+    let mut extra = vec![
+        "--incoming".to_string(),
+        args.listen.clone(),
+        "--incoming-timeout".to_string(),
+        args.timeout.to_string(),
+    ];
+    if args.force {
+        extra.push("--force".into());
+    }
+    let mut child = spawn_vmm(&dir, &lock, &extra)?;
+    let mut pid_file = &lock;
+    pid_file.set_len(0)?;
+    writeln!(pid_file, "{}", child.id())?;
+    drop(lock);
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        if let Ok(addr) = std::fs::read_to_string(incoming_file(&dir)) {
+            eprintln!(
+                "vhpc: VM {} waits for a migration on {} (for {}s)",
+                args.name,
+                addr.trim(),
+                args.timeout
+            );
+            return Ok(0);
+        }
+        if let Some(status) = child.try_wait()? {
+            bail!(
+                "the VMM process for VM {} exited ({status}) before it listened.\nVMM log {}:\n{}",
+                args.name,
+                dir.vmm_log().display(),
+                tail(&dir.vmm_log(), 20)
+            );
+        }
+        if Instant::now() >= deadline {
+            let _ = child.kill();
+            let _ = child.wait();
+            bail!(
+                "the VMM process for VM {} did not start listening within 30s",
+                args.name
+            );
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+/// `vhpc migrate NAME --to ADDR`: shows progress; the VM runs at ADDR when it returns 0.
+pub fn migrate(args: MigrateArgs) -> anyhow::Result<i32> {
+    let dir = Runtime::from_env().existing(&args.name)?;
+    let body = serde_json::to_vec(&MigrateRequest {
+        to: args.to.clone(),
+        downtime_ms: Some(args.downtime_ms),
+    })?;
+    let resp = http::call(&dir.api_sock(), "PUT", "/vm/migrate", Some(&body), None)?;
+    if resp.status != 200 {
+        let status = resp.status;
+        return Err(api_error(&args.name, status, &resp.into_bytes()?));
+    }
+    let mut body = resp.body;
+    let mut line = String::new();
+    loop {
+        line.clear();
+        if body.read_line(&mut line)? == 0 {
+            bail!(
+                "VM {}: the migration stream ended without an outcome; check `vhpc vm list` here and at {}",
+                args.name,
+                args.to
+            );
+        }
+        let event: MigrateEvent = serde_json::from_str(&line)
+            .with_context(|| format!("malformed migration event {line:?}"))?;
+        if let Some(p) = event.progress {
+            let mib = p.pages_sent as f64 * 4096.0 / (1024.0 * 1024.0);
+            let secs = p.elapsed_ms as f64 / 1e3;
+            let what = match p.phase.as_str() {
+                "first-round" => format!(
+                    "round 0 (all of memory): {mib:.1} MiB sent, {} pages still to look at",
+                    p.remaining_pages
+                ),
+                "round" => format!("round {} done: {mib:.1} MiB sent in all", p.round),
+                "stop-and-copy" => format!(
+                    "guest paused: copying the last {} dirty pages and the VM state",
+                    p.remaining_pages
+                ),
+                _ => continue,
+            };
+            eprintln!("vhpc: migrating {}: {what} ({secs:.1} s)", args.name);
+        }
+        if let Some(d) = event.done {
+            eprintln!(
+                "vhpc: VM {} migrated to {} in {:.0} ms ({} rounds, {} pages, downtime {:.1} ms)",
+                args.name, args.to, d.total_ms, d.rounds, d.pages_sent, d.downtime_ms
+            );
+            return Ok(0);
+        }
+        if let Some(error) = event.error {
+            bail!("VM {}: migration failed: {error}", args.name);
+        }
+    }
 }
 
 fn wait_until_ready(dir: &VmDir, child: &mut Child, timeout: Duration) -> anyhow::Result<()> {
@@ -193,11 +302,18 @@ pub fn list() -> anyhow::Result<i32> {
                 format!("{}MiB", info.config.memory.size_mib),
                 info.pid
             )?,
-            Err(_) => writeln!(
-                out,
-                "{:<20} {:<9} {:>5} {:>10} {:>8}",
-                dir.name, "starting", "-", "-", pid
-            )?,
+            Err(_) => {
+                let state = if incoming_file(&dir).exists() {
+                    "incoming"
+                } else {
+                    "starting"
+                };
+                writeln!(
+                    out,
+                    "{:<20} {:<9} {:>5} {:>10} {:>8}",
+                    dir.name, state, "-", "-", pid
+                )?
+            }
         }
     }
     Ok(0)

@@ -9,6 +9,7 @@ pub mod agent_client;
 pub mod api_server;
 pub mod commands;
 pub mod http;
+pub mod migrate_vm;
 pub mod state_dir;
 pub mod vmm_process;
 
@@ -33,6 +34,9 @@ pub enum VmCommand {
         #[arg(long, default_value_t = 10)]
         timeout: u64,
     },
+    /// Wait for a VM to arrive by live migration (`vhpc migrate NAME --to ADDR` on the
+    /// source); returns once listening. The VM then runs here under NAME.
+    Receive(ReceiveArgs),
     /// Call a VM's REST API: print the response body; exit 0 for a 2xx status, else 1.
     Api(ApiArgs),
     /// The VMM process of one VM (started by `vhpc vm start`).
@@ -105,6 +109,42 @@ pub struct ServeArgs {
     /// The inherited fd holding the lock on the state directory's pid file.
     #[arg(long)]
     pub lock_fd: i32,
+    /// Receive the VM by live migration on this HOST:PORT instead of booting it.
+    #[arg(long)]
+    pub incoming: Option<String>,
+    /// With --incoming: take the VM even from another CPU model or with changed disks.
+    #[arg(long)]
+    pub force: bool,
+    /// With --incoming: seconds to wait for the migration.
+    #[arg(long, default_value_t = 600)]
+    pub incoming_timeout: u64,
+}
+
+#[derive(Args)]
+pub struct ReceiveArgs {
+    /// The name the VM gets here.
+    pub name: String,
+    /// Where to listen, HOST:PORT (e.g. 0.0.0.0:7000).
+    #[arg(long)]
+    pub listen: String,
+    /// Take the VM even from a host with another CPU model, or with disks that look changed.
+    #[arg(long)]
+    pub force: bool,
+    /// Seconds to wait for the migration to arrive.
+    #[arg(long, default_value_t = 600)]
+    pub timeout: u64,
+}
+
+#[derive(Args)]
+pub struct MigrateArgs {
+    /// The VM to move.
+    pub name: String,
+    /// The destination, HOST:PORT, where `vhpc vm receive` listens.
+    #[arg(long)]
+    pub to: String,
+    /// The longest pause of the guest to aim for, in milliseconds.
+    #[arg(long, default_value_t = 300)]
+    pub downtime_ms: u64,
 }
 
 /// Runs a `vhpc vm` subcommand; returns the exit status.
@@ -116,6 +156,17 @@ pub fn run(command: VmCommand) -> anyhow::Result<i32> {
         VmCommand::Resume { name } => commands::put(&name, "/vm/resume"),
         VmCommand::Stop { name, timeout } => commands::stop(&name, timeout),
         VmCommand::Api(args) => commands::api(args),
-        VmCommand::Serve(args) => vmm_process::run(args.dir, args.lock_fd),
+        VmCommand::Receive(args) => commands::receive(args),
+        VmCommand::Serve(args) => {
+            let origin = match args.incoming {
+                None => vmm_process::Origin::Boot,
+                Some(listen) => vmm_process::Origin::Incoming {
+                    listen,
+                    force: args.force,
+                    timeout: std::time::Duration::from_secs(args.incoming_timeout),
+                },
+            };
+            vmm_process::run(args.dir, args.lock_fd, origin)
+        }
     }
 }

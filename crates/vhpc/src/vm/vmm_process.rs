@@ -14,12 +14,15 @@ use std::time::Duration;
 use anyhow::Context;
 use base64::Engine as _;
 use base64::engine::general_purpose::STANDARD as BASE64;
-use vhpc_api::rest::{ExecEvent, ExecRequest, Health, VmInfo, VmRunState, VmSpec};
+use vhpc_api::rest::{
+    ExecEvent, ExecRequest, Health, MigrateEvent, MigrateRequest, VmInfo, VmRunState, VmSpec,
+};
 use vhpc_guest::protocol::session::{Request, Response};
 use vhpc_vmm::{Vm, VmIo, VmOutcome};
 
 use super::agent_client::{self, AgentClient, AgentError};
 use super::api_server::{self, ApiError, Backend};
+use super::migrate_vm::{self, AGENT_VERSION_LABEL};
 use super::state_dir::VmDir;
 
 /// How long a power-off may take before the VMM stops the VM itself.
@@ -29,21 +32,31 @@ const HEALTH_TIMEOUT: Duration = Duration::from_secs(10);
 /// Largest stdin an exec request may carry (decoded).
 pub const MAX_STDIN: usize = 512 << 10;
 
+/// Where a VM comes from: booted from its config.json, or received by live migration.
+pub enum Origin {
+    Boot,
+    Incoming {
+        /// `HOST:PORT` to listen on.
+        listen: String,
+        /// Take the VM even from another CPU model or with disks that look changed.
+        force: bool,
+        /// How long to wait for the migration to arrive.
+        timeout: Duration,
+    },
+}
+
 /// Runs the VM in `dir` until it ends. `lock_fd` is the pid file's lock, inherited from
-/// `vhpc vm start`: held for this process's whole life, it is what marks the VM alive.
-pub fn run(dir: PathBuf, lock_fd: i32) -> anyhow::Result<i32> {
+/// `vhpc vm start` (or `vhpc vm receive`): held for this process's whole life, it is what marks
+/// the VM alive.
+pub fn run(dir: PathBuf, lock_fd: i32, origin: Origin) -> anyhow::Result<i32> {
     // SAFETY: `vhpc vm start` passes the number of the lock fd it left open (not close-on-exec)
     // for this process; nothing else in this process owns or closes that fd.
     let lock = unsafe { File::from_raw_fd(lock_fd) };
-    let config = dir.join("config.json");
-    let spec: VmSpec = serde_json::from_slice(
-        &std::fs::read(&config).with_context(|| format!("cannot read {}", config.display()))?,
-    )
-    .with_context(|| format!("{} is not a valid VM spec", config.display()))?;
-    let dir = VmDir {
-        name: spec.name.clone(),
-        path: dir,
-    };
+    let name = dir
+        .file_name()
+        .map(|n| n.to_string_lossy().into_owned())
+        .unwrap_or_default();
+    let dir = VmDir { name, path: dir };
     let console = File::create(dir.console_log())
         .with_context(|| format!("cannot create {}", dir.console_log().display()))?;
     let (agent, sink) = agent_client::channel_pair();
@@ -53,15 +66,62 @@ pub fn run(dir: PathBuf, lock_fd: i32) -> anyhow::Result<i32> {
         extra_initramfs: Vec::new(),
         timeout: None,
     };
-    let mut vm = Vm::boot(&spec.config, io)?;
-    agent.set_input(vm.agent_input());
-    vm.start()?;
+    let (spec, vm) = match origin {
+        Origin::Boot => {
+            let config = dir.config_json();
+            let spec: VmSpec = serde_json::from_slice(
+                &std::fs::read(&config)
+                    .with_context(|| format!("cannot read {}", config.display()))?,
+            )
+            .with_context(|| format!("{} is not a valid VM spec", config.display()))?;
+            let mut vm = Vm::boot(&spec.config, io)?;
+            agent.set_input(vm.agent_input());
+            vm.start()?;
+            (spec, vm)
+        }
+        Origin::Incoming {
+            listen,
+            force,
+            timeout,
+        } => {
+            let opts = vhpc_vmm::migration::ReceiveOptions {
+                force,
+                limits: Some(vhpc_vmm::vm::current_host_limits()?),
+            };
+            let incoming = match migrate_vm::receive_in(&dir, &listen, io, &opts, timeout) {
+                Ok(incoming) => incoming,
+                Err(e) => {
+                    // Nothing of the VM is left: the partial one was dropped by receive.
+                    log::error!("{e:#}");
+                    let _ = dir.remove();
+                    return Err(e);
+                }
+            };
+            let spec = VmSpec {
+                name: dir.name.clone(),
+                config: incoming.vm.config().clone(),
+            };
+            std::fs::write(dir.config_json(), serde_json::to_vec_pretty(&spec)?)
+                .with_context(|| format!("cannot write {}", dir.config_json().display()))?;
+            agent.set_input(incoming.vm.agent_input());
+            // The guest agent announced itself to the source; its session goes on here.
+            if let Some((_, version)) = incoming
+                .labels
+                .iter()
+                .find(|(k, _)| k == AGENT_VERSION_LABEL)
+            {
+                agent.assume_ready(version.clone());
+            }
+            (spec, incoming.vm)
+        }
+    };
     let backend = Arc::new(VmBackend {
         spec,
         vm: Arc::new(vm),
         agent: Arc::new(agent),
         control: Mutex::new(()),
         stopping: AtomicBool::new(false),
+        migrating: AtomicBool::new(false),
         dir: dir.clone(),
     });
     let sock = dir.api_sock();
@@ -102,9 +162,10 @@ struct VmBackend {
     spec: VmSpec,
     vm: Arc<Vm>,
     agent: Arc<AgentClient>,
-    /// Serialises pause, resume and shutdown.
+    /// Serialises pause, resume, shutdown and the start of a migration.
     control: Mutex<()>,
     stopping: AtomicBool,
+    migrating: AtomicBool,
     dir: VmDir,
 }
 
@@ -121,6 +182,8 @@ impl VmBackend {
     fn state(&self) -> VmRunState {
         if self.stopping.load(Ordering::SeqCst) {
             VmRunState::Stopping
+        } else if self.migrating.load(Ordering::SeqCst) {
+            VmRunState::Migrating
         } else if self.vm.is_paused() {
             VmRunState::Paused
         } else if self.agent.agent_version().is_none() {
@@ -145,6 +208,10 @@ impl VmBackend {
             VmRunState::Stopping => Err(ApiError::new(
                 409,
                 format!("VM {} is stopping", self.spec.name),
+            )),
+            VmRunState::Migrating => Err(ApiError::new(
+                409,
+                format!("VM {} is being migrated away", self.spec.name),
             )),
         }
     }
@@ -196,6 +263,9 @@ impl Backend for VmBackend {
 
     fn shutdown(&self) -> Result<(), ApiError> {
         let _control = self.lock_control();
+        if self.migrating.load(Ordering::SeqCst) {
+            return Err(ApiError::new(409, "the VM is being migrated away"));
+        }
         if self.stopping.swap(true, Ordering::SeqCst) {
             return Err(ApiError::new(409, "the VM is already stopping"));
         }
@@ -265,6 +335,47 @@ impl Backend for VmBackend {
                 event(e).is_ok() && !last
             })
             .map_err(agent_error)
+    }
+
+    fn migrate(
+        &self,
+        request: MigrateRequest,
+        event: &mut dyn FnMut(MigrateEvent) -> io::Result<()>,
+    ) -> Result<(), ApiError> {
+        {
+            let _control = self.lock_control();
+            match self.state() {
+                VmRunState::Running | VmRunState::Paused => {}
+                other => {
+                    return Err(ApiError::new(
+                        409,
+                        format!("cannot migrate: the VM is {}", other.as_str()),
+                    ));
+                }
+            }
+            self.migrating.store(true, Ordering::SeqCst);
+        }
+        let labels = self
+            .agent
+            .agent_version()
+            .map(|v| vec![(AGENT_VERSION_LABEL.to_string(), v)])
+            .unwrap_or_default();
+        let result = migrate_vm::migrate_out(&self.vm, &request, labels, event);
+        if result.is_ok() {
+            // The destination runs the VM: this process is done once the response is out.
+            let dir = self.dir.clone();
+            std::thread::spawn(move || {
+                std::thread::sleep(Duration::from_millis(200));
+                log::info!("VM {} now runs at the destination; exiting", dir.name);
+                if let Err(e) = dir.remove() {
+                    log::warn!("{e}");
+                }
+                std::process::exit(0);
+            });
+        } else {
+            self.migrating.store(false, Ordering::SeqCst);
+        }
+        result
     }
 }
 

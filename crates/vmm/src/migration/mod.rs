@@ -10,7 +10,7 @@ pub mod wire;
 
 use std::time::Duration;
 
-pub use receive::receive;
+pub use receive::{Incoming, receive};
 pub use send::{MigrationStats, migrate};
 use vhpc_api::HostLimits;
 
@@ -24,6 +24,8 @@ pub struct MigrationOptions {
     /// Stop-and-copy after this many pre-copy rounds whatever is left (a guest dirtying
     /// memory faster than the stream carries it never converges otherwise).
     pub max_rounds: u32,
+    /// Passed to the destination with the Hello (see [`wire::Hello::labels`]).
+    pub labels: Vec<(String, String)>,
 }
 
 impl Default for MigrationOptions {
@@ -31,6 +33,7 @@ impl Default for MigrationOptions {
         MigrationOptions {
             downtime: Duration::from_millis(300),
             max_rounds: 30,
+            labels: Vec::new(),
         }
     }
 }
@@ -65,7 +68,8 @@ pub struct Progress {
     /// Pages of the round that just ended (or of round 0 so far).
     pub round_pages: u64,
     pub pages_sent: u64,
-    /// Round 0: the pages of guest memory; stop-and-copy: the dirty pages left.
+    /// Round 0: the pages of guest memory not looked at yet; stop-and-copy: the dirty pages
+    /// left.
     pub remaining_pages: u64,
     pub elapsed: Duration,
 }

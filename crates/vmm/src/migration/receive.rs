@@ -14,6 +14,14 @@ use crate::memory::{self, GuestMemory};
 use crate::snapshot::{HostInfo, components};
 use crate::vm::{Vm, VmIo};
 
+/// A VM that arrived.
+pub struct Incoming {
+    /// Running.
+    pub vm: Vm,
+    /// The source's labels (see [`wire::Hello::labels`]).
+    pub labels: Vec<(String, String)>,
+}
+
 /// Receives a VM over `stream` and returns it running. `io` connects the new VM's console and
 /// agent channel.
 pub fn receive<S: Read + Write>(
@@ -21,7 +29,7 @@ pub fn receive<S: Read + Write>(
     io: VmIo,
     opts: &ReceiveOptions,
     progress: &mut dyn FnMut(&Progress),
-) -> Result<Vm, MigrationError> {
+) -> Result<Incoming, MigrationError> {
     let result = receive_inner(stream, io, opts, progress);
     if let Err(e) = &result
         && !matches!(
@@ -39,7 +47,7 @@ fn receive_inner<S: Read + Write>(
     io: VmIo,
     opts: &ReceiveOptions,
     progress: &mut dyn FnMut(&Progress),
-) -> Result<Vm, MigrationError> {
+) -> Result<Incoming, MigrationError> {
     let start = std::time::Instant::now();
     let hello: Hello = expect(stream, Kind::Hello)?.postcard()?;
     if let Err(reason) = check_hello(&hello, opts) {
@@ -97,7 +105,10 @@ fn receive_inner<S: Read + Write>(
         remaining_pages: 0,
         elapsed: start.elapsed(),
     });
-    Ok(vm)
+    Ok(Incoming {
+        vm,
+        labels: hello.labels,
+    })
 }
 
 fn check_hello(hello: &Hello, opts: &ReceiveOptions) -> Result<(), String> {

@@ -175,6 +175,7 @@ impl<S: Read + Write> Sender<'_, S> {
             vhpc_version: env!("CARGO_PKG_VERSION").into(),
             host: HostInfo::current(),
             config: self.vm.config().clone(),
+            labels: self.opts.labels.clone(),
         };
         wire::write_postcard(self.stream, Kind::Hello, &hello)?;
         let reply = wire::read_frame(self.stream)?;
@@ -198,6 +199,7 @@ impl<S: Read + Write> Sender<'_, S> {
             .collect();
         let total: u64 = regions.iter().map(|(_, len)| len / PAGE_SIZE as u64).sum();
         let mut chunk = vec![0u8; MAX_PAGES_PER_FRAME * PAGE_SIZE];
+        let mut scanned = 0u64;
         for (base, len) in regions {
             let mut at = 0;
             while at < len {
@@ -207,14 +209,16 @@ impl<S: Read + Write> Sender<'_, S> {
                     .memory()
                     .read_slice(buf, GuestAddress(base + at))
                     .map_err(|e| MigrationError::Local(format!("reading guest memory: {e}")))?;
-                sent += self.send_nonzero_runs(base + at, buf)?;
+                let pages = self.send_nonzero_runs(base + at, buf)?;
+                sent += pages;
+                self.stats.pages_sent += pages;
                 at += n as u64;
+                scanned += n as u64 / PAGE_SIZE as u64;
                 if at % (64 << 20) == 0 {
-                    self.report(Phase::FirstRound, sent, total);
+                    self.report(Phase::FirstRound, sent, total - scanned);
                 }
             }
         }
-        self.stats.pages_sent += sent;
         self.stats.rounds = 1;
         self.end_round(sent)?;
         Ok(rate(sent, started.elapsed()))

@@ -87,6 +87,9 @@ pub struct Hello {
     pub vhpc_version: String,
     pub host: HostInfo,
     pub config: VmConfig,
+    /// What the source's VMM process passes on to the destination's (e.g. the guest agent's
+    /// version): opaque to the migration itself.
+    pub labels: Vec<(String, String)>,
 }
 
 /// What the source sends once the VM is paused for good.

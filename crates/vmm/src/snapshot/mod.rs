@@ -67,11 +67,6 @@ pub struct CheckpointInfo {
 pub enum SnapshotError {
     #[error(transparent)]
     Vm(#[from] VmError),
-    #[error(
-        "this VM has virtio disks, whose device state checkpoints do not capture yet; \
-         checkpoint VMs without --disk for now"
-    )]
-    DevicesNotSupported,
     #[error("cannot {what} {}: {source}", path.display())]
     Io {
         what: &'static str,
@@ -138,15 +133,10 @@ fn now_ms() -> u64 {
 /// stays paused (pause it first to stop it after the checkpoint). Every checkpoint turns on
 /// KVM's dirty log, so that the next one can be incremental.
 pub fn checkpoint(
-    vm: &mut Vm,
+    vm: &Vm,
     dir: &Path,
     kind: CheckpointKind,
 ) -> Result<CheckpointInfo, SnapshotError> {
-    // Virtio queues, in-flight requests and PCI/MSI-X state are not saved yet: refuse rather
-    // than write a checkpoint that would restore a broken guest.
-    if !vm.config().disks.is_empty() {
-        return Err(SnapshotError::DevicesNotSupported);
-    }
     let was_paused = vm.is_paused();
     if !was_paused {
         vm.pause()?;
@@ -165,7 +155,7 @@ pub fn checkpoint(
 }
 
 fn write_checkpoint(
-    vm: &mut Vm,
+    vm: &Vm,
     dir: &Path,
     kind: CheckpointKind,
 ) -> Result<CheckpointInfo, SnapshotError> {
@@ -173,10 +163,7 @@ fn write_checkpoint(
     let parent = match kind {
         CheckpointKind::Full => None,
         CheckpointKind::Incremental => {
-            let link = vm
-                .last_checkpoint()
-                .cloned()
-                .ok_or(SnapshotError::NoParent)?;
+            let link = vm.last_checkpoint().ok_or(SnapshotError::NoParent)?;
             if !vm.dirty_logging() {
                 return Err(SnapshotError::NoParent);
             }
@@ -191,6 +178,7 @@ fn write_checkpoint(
         dir: dir.clone(),
         source,
     })?;
+    let disks = sync_disks(vm.config())?;
     let pending = PendingDir::create(&dir).map_err(io_err("create a directory beside", &dir))?;
     let (contents, pages) = if parent.is_some() {
         let runs = memfile::runs_of(&vm.dirty_pages()?);
@@ -233,8 +221,7 @@ fn write_checkpoint(
             regions: memfile::regions(vm.memory()),
             contents,
         },
-        // `DiskRecord::of` each disk once VmConfig has disks; restore already checks them.
-        disks: Vec::new(),
+        disks,
         components,
     };
     let info = commit(pending, &dir, &body, pages)?;
@@ -243,6 +230,21 @@ fn write_checkpoint(
         dir,
     }));
     Ok(info)
+}
+
+/// Makes every disk image durable (the devices are paused: their writes are all done) and
+/// records its identity, which restore checks.
+fn sync_disks(config: &vhpc_api::VmConfig) -> Result<Vec<format::DiskRecord>, SnapshotError> {
+    let mut records = Vec::with_capacity(config.disks.len());
+    for disk in &config.disks {
+        if !disk.read_only {
+            std::fs::File::open(&disk.path)
+                .and_then(|f| f.sync_data())
+                .map_err(io_err("sync disk image", &disk.path))?;
+        }
+        records.push(format::DiskRecord::of(&disk.path).map_err(io_err("stat", &disk.path))?);
+    }
+    Ok(records)
 }
 
 /// Writes a sparse `memory.raw` of `mem` into the pending directory.
@@ -305,6 +307,7 @@ fn write_full_dir(
     config: &vhpc_api::VmConfig,
     mem: &crate::memory::GuestMemory,
     components: Vec<Component>,
+    disks: Vec<format::DiskRecord>,
 ) -> Result<CheckpointInfo, SnapshotError> {
     let pending = PendingDir::create(dir).map_err(io_err("create a directory beside", dir))?;
     let (contents, pages) = write_full_memory(&pending, mem)?;
@@ -321,7 +324,7 @@ fn write_full_dir(
             regions: memfile::regions(mem),
             contents,
         },
-        disks: Vec::new(),
+        disks,
         components,
     };
     commit(pending, dir, &body, pages)

@@ -8,6 +8,7 @@ mod bench_qemu;
 mod bench_snapshot;
 mod cli;
 mod exit_codes;
+mod guest_memtest;
 mod image_cmd;
 mod lab_cmd;
 mod relay;
@@ -32,8 +33,9 @@ fn main() {
         cli::Command::Vm(cmd) => vm::run(cmd),
         cli::Command::Exec(args) => vm::commands::exec(args),
         cli::Command::Bench(cli::BenchCommand::Snapshot(args)) => bench_snapshot::run(args),
-        cli::Command::Snapshot(cmd) => snapshot_cmd::run(cmd),
+        cli::Command::Snapshot(args) => snapshot_cmd::run(args),
         cli::Command::Restore(args) => snapshot_cmd::restore(args),
+        cli::Command::GuestMemtest(args) => guest_memtest::run(args),
     };
     match status {
         Ok(code) => std::process::exit(code),

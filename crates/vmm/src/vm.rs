@@ -330,6 +330,12 @@ impl Vm {
         Ok(())
     }
 
+    /// Ends the VM from the host: [`Vm::wait`] returns [`VmOutcome::PowerOff`] as if the guest
+    /// had powered off (the vCPUs stay where they are, e.g. paused after a final checkpoint).
+    pub fn stop(&self) {
+        let _ = self.events_tx.send(VmEvent::PowerOff);
+    }
+
     /// Whether the VM is paused.
     pub fn is_paused(&self) -> bool {
         self.paused.load(Ordering::SeqCst)

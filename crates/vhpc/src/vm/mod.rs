@@ -6,6 +6,7 @@
 //! of that API ([`commands`]).
 
 pub mod agent_client;
+pub mod agent_resume;
 pub mod api_server;
 pub mod commands;
 pub mod http;
@@ -105,6 +106,15 @@ pub struct ServeArgs {
     /// The inherited fd holding the lock on the state directory's pid file.
     #[arg(long)]
     pub lock_fd: i32,
+    /// Restore this checkpoint instead of booting (`vhpc restore DIR --name NAME`).
+    #[arg(long)]
+    pub restore: Option<PathBuf>,
+    /// With --restore: accept another host CPU model or changed disks.
+    #[arg(long, requires = "restore")]
+    pub force: bool,
+    /// With --restore: read all guest memory now.
+    #[arg(long, requires = "restore")]
+    pub prefault: bool,
 }
 
 /// Runs a `vhpc vm` subcommand; returns the exit status.
@@ -116,6 +126,6 @@ pub fn run(command: VmCommand) -> anyhow::Result<i32> {
         VmCommand::Resume { name } => commands::put(&name, "/vm/resume"),
         VmCommand::Stop { name, timeout } => commands::stop(&name, timeout),
         VmCommand::Api(args) => commands::api(args),
-        VmCommand::Serve(args) => vmm_process::run(args.dir, args.lock_fd),
+        VmCommand::Serve(args) => vmm_process::run(args),
     }
 }

@@ -14,11 +14,16 @@ use std::time::Duration;
 use anyhow::Context;
 use base64::Engine as _;
 use base64::engine::general_purpose::STANDARD as BASE64;
-use vhpc_api::rest::{ExecEvent, ExecRequest, Health, VmInfo, VmRunState, VmSpec};
+use vhpc_api::rest::{
+    ExecEvent, ExecRequest, Health, SnapshotRequest, SnapshotResponse, VmInfo, VmRunState, VmSpec,
+};
 use vhpc_guest::protocol::session::{Request, Response};
+use vhpc_vmm::snapshot::{self, CheckpointKind, RestoreOptions, SnapshotError};
 use vhpc_vmm::{Vm, VmIo, VmOutcome};
 
+use super::ServeArgs;
 use super::agent_client::{self, AgentClient, AgentError};
+use super::agent_resume;
 use super::api_server::{self, ApiError, Backend};
 use super::state_dir::VmDir;
 
@@ -29,9 +34,14 @@ const HEALTH_TIMEOUT: Duration = Duration::from_secs(10);
 /// Largest stdin an exec request may carry (decoded).
 pub const MAX_STDIN: usize = 512 << 10;
 
-/// Runs the VM in `dir` until it ends. `lock_fd` is the pid file's lock, inherited from
-/// `vhpc vm start`: held for this process's whole life, it is what marks the VM alive.
-pub fn run(dir: PathBuf, lock_fd: i32) -> anyhow::Result<i32> {
+/// How long a checkpoint waits for a running `vhpc exec` to end before it gives up.
+const SNAPSHOT_IDLE_WAIT: Duration = Duration::from_secs(10);
+
+/// Runs the VM in `args.dir` until it ends: boots it, or restores `args.restore`. The lock
+/// fd is the pid file's lock, inherited from `vhpc vm start` (or `vhpc restore --name`):
+/// held for this process's whole life, it is what marks the VM alive.
+pub fn run(args: ServeArgs) -> anyhow::Result<i32> {
+    let (dir, lock_fd) = (args.dir.clone(), args.lock_fd);
     // SAFETY: `vhpc vm start` passes the number of the lock fd it left open (not close-on-exec)
     // for this process; nothing else in this process owns or closes that fd.
     let lock = unsafe { File::from_raw_fd(lock_fd) };
@@ -53,13 +63,25 @@ pub fn run(dir: PathBuf, lock_fd: i32) -> anyhow::Result<i32> {
         extra_initramfs: Vec::new(),
         timeout: None,
     };
-    let mut vm = Vm::boot(&spec.config, io)?;
+    let (mut vm, resumed_agent) = match &args.restore {
+        None => (Vm::boot(&spec.config, io)?, None),
+        Some(checkpoint) => restore(checkpoint, io, &args)?,
+    };
     agent.set_input(vm.agent_input());
     vm.start()?;
+    let agent = Arc::new(agent);
+    if let Some(version) = resumed_agent {
+        let agent = agent.clone();
+        std::thread::spawn(move || {
+            if let Err(e) = agent_resume::resume(&agent, version) {
+                log::error!("{e:#}; `vhpc exec` will not work in this VM");
+            }
+        });
+    }
     let backend = Arc::new(VmBackend {
         spec,
         vm: Arc::new(vm),
-        agent: Arc::new(agent),
+        agent,
         control: Mutex::new(()),
         stopping: AtomicBool::new(false),
         dir: dir.clone(),
@@ -95,6 +117,30 @@ pub fn run(dir: PathBuf, lock_fd: i32) -> anyhow::Result<i32> {
     }
     drop(lock);
     Ok(0)
+}
+
+/// The VM of a checkpoint, and the agent version to resume its session with.
+fn restore(
+    checkpoint: &std::path::Path,
+    io: VmIo,
+    args: &ServeArgs,
+) -> anyhow::Result<(Vm, Option<String>)> {
+    let saved = snapshot::Checkpoint::load(checkpoint)?;
+    let version = agent_resume::saved_version(&saved)?;
+    if version.is_none() {
+        log::warn!(
+            "{} was not taken of a long-running VM (no agent session in it); `vhpc exec` will not answer",
+            checkpoint.display()
+        );
+    }
+    let opts = RestoreOptions {
+        force: args.force,
+        prefault: args.prefault,
+    };
+    let vm = snapshot::restore(checkpoint, io, opts)
+        .with_context(|| format!("cannot restore {}", checkpoint.display()))?;
+    log::info!("restored {}", checkpoint.display());
+    Ok((vm, version))
 }
 
 /// The API's view of the running VM.
@@ -154,7 +200,94 @@ impl VmBackend {
     }
 }
 
+/// The HTTP status for a failed checkpoint.
+fn snapshot_error(e: SnapshotError) -> ApiError {
+    let status = match e {
+        SnapshotError::NoParent => 409,
+        SnapshotError::ReplacesParent(_) => 400,
+        _ => 500,
+    };
+    ApiError::new(status, e.to_string())
+}
+
 impl Backend for VmBackend {
+    fn snapshot(&self, request: SnapshotRequest) -> Result<SnapshotResponse, ApiError> {
+        let dir = PathBuf::from(&request.dir);
+        if !dir.is_absolute() {
+            return Err(ApiError::new(
+                400,
+                format!(
+                    "dir {} must be an absolute path (the VMM runs elsewhere)",
+                    request.dir
+                ),
+            ));
+        }
+        let _control = self.lock_control();
+        let state = self.state();
+        if matches!(state, VmRunState::Booting | VmRunState::Stopping) {
+            return Err(ApiError::new(
+                409,
+                format!("cannot checkpoint: the VM is {}", state.as_str()),
+            ));
+        }
+        let _idle = self.agent.hold_idle(SNAPSHOT_IDLE_WAIT).map_err(|_| {
+            ApiError::new(
+                409,
+                format!(
+                    "the guest agent is running a command (vhpc exec) and did not finish within {SNAPSHOT_IDLE_WAIT:?}; checkpoint when it has finished (run long jobs in the background)"
+                ),
+            )
+        })?;
+        let version = self.agent.agent_version().unwrap_or_default();
+        let extra =
+            [agent_resume::component(&version).map_err(|e| ApiError::new(500, e.to_string()))?];
+        let kind = if request.incremental {
+            CheckpointKind::Incremental
+        } else {
+            CheckpointKind::Full
+        };
+        if request.stop && !self.vm.is_paused() {
+            self.vm
+                .pause()
+                .map_err(|e| ApiError::new(500, e.to_string()))?;
+        }
+        let result = snapshot::checkpoint_with(&self.vm, &dir, kind, &extra);
+        let info = match result {
+            Ok(info) => info,
+            Err(e) => {
+                if request.stop {
+                    // The VM goes on: a failed checkpoint must not lose it.
+                    let _ = self.vm.resume();
+                }
+                return Err(snapshot_error(e));
+            }
+        };
+        if request.stop {
+            self.stopping.store(true, Ordering::SeqCst);
+        }
+        log::info!(
+            "checkpoint {} written to {} ({} pages, paused {:?})",
+            info.id,
+            info.dir.display(),
+            info.memory_pages,
+            info.paused_for
+        );
+        Ok(SnapshotResponse {
+            id: info.id,
+            dir: info.dir.display().to_string(),
+            parent: info.parent,
+            memory_pages: info.memory_pages,
+            state_bytes: info.state_bytes,
+            paused_ms: info.paused_for.as_secs_f64() * 1000.0,
+            stopped: request.stop,
+        })
+    }
+
+    fn end_after_snapshot(&self) {
+        log::info!("VM {}: stopped after its checkpoint", self.spec.name);
+        self.vm.stop();
+    }
+
     fn info(&self) -> VmInfo {
         VmInfo {
             name: self.spec.name.clone(),

@@ -30,7 +30,8 @@ pub use format::{FormatError, HostInfo, StateBody};
 
 use crate::vm::{Vm, VmError};
 use atomic::PendingDir;
-use format::{Component, MemoryContents, MemoryRecord, Meta, ParentLink};
+pub use format::Component;
+use format::{MemoryContents, MemoryRecord, Meta, ParentLink};
 use memfile::{DELTA_FILE, FULL_FILE};
 
 pub const STATE_FILE: &str = "state.bin";
@@ -137,12 +138,34 @@ pub fn checkpoint(
     dir: &Path,
     kind: CheckpointKind,
 ) -> Result<CheckpointInfo, SnapshotError> {
+    checkpoint_with(vm, dir, kind, &[])
+}
+
+/// [`checkpoint`] with further components the caller owns (e.g. the long-running VM's agent
+/// session, `vhpc.agent`), stored after the VM's own. Their names must not start with
+/// `vcpu.`, `dev.` or be `irqchip`.
+pub fn checkpoint_with(
+    vm: &Vm,
+    dir: &Path,
+    kind: CheckpointKind,
+    extra: &[Component],
+) -> Result<CheckpointInfo, SnapshotError> {
+    if let Some(c) = extra.iter().find(|c| {
+        c.name == components::IRQCHIP
+            || c.name.starts_with("vcpu.")
+            || c.name.starts_with(crate::device_state::PREFIX)
+    }) {
+        return Err(SnapshotError::Chain {
+            dir: dir.to_path_buf(),
+            detail: format!("component name {} is the VM's own", c.name),
+        });
+    }
     let was_paused = vm.is_paused();
     if !was_paused {
         vm.pause()?;
     }
     let start = Instant::now();
-    let result = write_checkpoint(vm, dir, kind);
+    let result = write_checkpoint(vm, dir, kind, extra);
     if result.is_err() {
         // The dirty log may have been read and cleared: only a full checkpoint is safe next.
         vm.set_last_checkpoint(None);
@@ -158,6 +181,7 @@ fn write_checkpoint(
     vm: &Vm,
     dir: &Path,
     kind: CheckpointKind,
+    extra: &[Component],
 ) -> Result<CheckpointInfo, SnapshotError> {
     let dir = std::path::absolute(dir).map_err(io_err("resolve", dir))?;
     let parent = match kind {
@@ -174,10 +198,11 @@ fn write_checkpoint(
         }
     };
     let machine = vm.save_machine()?;
-    let components = components::encode(&machine).map_err(|source| SnapshotError::Format {
+    let mut components = components::encode(&machine).map_err(|source| SnapshotError::Format {
         dir: dir.clone(),
         source,
     })?;
+    components.extend_from_slice(extra);
     let disks = sync_disks(vm.config())?;
     let pending = PendingDir::create(&dir).map_err(io_err("create a directory beside", &dir))?;
     let (contents, pages) = if parent.is_some() {

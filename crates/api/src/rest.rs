@@ -93,6 +93,38 @@ pub struct Health {
     pub mem_available_kib: u64,
 }
 
+/// `PUT /vm/snapshot` request body.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct SnapshotRequest {
+    /// The checkpoint directory, an absolute path on the VMM's host (replaced atomically if
+    /// it exists).
+    pub dir: String,
+    /// Only the pages written since this VM's previous checkpoint (taken by this VMM).
+    #[serde(default)]
+    pub incremental: bool,
+    /// Leave the VM paused after the checkpoint and end its VMM (the guest never runs
+    /// again, so its disks stay as the checkpoint recorded them).
+    #[serde(default)]
+    pub stop: bool,
+}
+
+/// `PUT /vm/snapshot` response: what was written.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct SnapshotResponse {
+    pub id: String,
+    pub dir: String,
+    /// The parent checkpoint's id (incremental checkpoints).
+    pub parent: Option<String>,
+    /// Pages in the memory file: non-zero pages (full) or dirty pages (incremental).
+    pub memory_pages: u64,
+    pub state_bytes: u64,
+    /// How long the vCPUs were stopped, until the checkpoint was durable on disk.
+    pub paused_ms: f64,
+    /// Whether the VMM is ending (`stop`).
+    pub stopped: bool,
+}
+
 /// The body of every error response.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub struct ErrorBody {

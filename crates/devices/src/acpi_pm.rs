@@ -6,6 +6,7 @@
 
 use std::sync::Arc;
 
+use crate::persist::{NoState, Persist, PersistError};
 use crate::{PioDevice, PowerEvent, PowerEventHandler, read_bytewise, write_bytewise};
 
 /// Base of the register block.
@@ -56,6 +57,21 @@ impl AcpiPmDevice {
         } else if !std::mem::replace(&mut self.sleep_logged, true) {
             log::warn!("ACPI: guest asked for sleep type {sleep_type}; only S5 (off) is supported");
         }
+    }
+}
+
+/// Version 1: no guest-visible state (reads are constant; writes act at once).
+impl Persist for AcpiPmDevice {
+    type State = NoState;
+    const VERSION: u32 = 1;
+    const NAME: &'static str = "ACPI PM registers";
+
+    fn save(&self) -> Result<NoState, PersistError> {
+        Ok(NoState {})
+    }
+
+    fn restore(&mut self, _: NoState) -> Result<(), PersistError> {
+        Ok(())
     }
 }
 

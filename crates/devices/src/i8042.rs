@@ -6,6 +6,7 @@
 
 use std::sync::Arc;
 
+use crate::persist::{NoState, Persist, PersistError};
 use crate::{PioDevice, PowerEvent, PowerEventHandler, read_bytewise, write_bytewise};
 
 /// Data port; the range also covers the status/command port at 0x64.
@@ -33,6 +34,21 @@ impl I8042 {
     /// A controller that sends reset requests to `power`.
     pub fn new(power: Arc<dyn PowerEventHandler>) -> Result<I8042, I8042Error> {
         Ok(I8042 { power })
+    }
+}
+
+/// Version 1: no guest-visible state (reads are constant; writes act at once).
+impl Persist for I8042 {
+    type State = NoState;
+    const VERSION: u32 = 1;
+    const NAME: &'static str = "i8042";
+
+    fn save(&self) -> Result<NoState, PersistError> {
+        Ok(NoState {})
+    }
+
+    fn restore(&mut self, _: NoState) -> Result<(), PersistError> {
+        Ok(())
     }
 }
 

@@ -7,6 +7,7 @@
 //! - [`acpi_pm`] the ACPI hardware-reduced sleep and reset registers (power-off, reboot);
 //! - [`debug_exit`] the debug-exit port test guests end the VM through, with a status;
 //! - [`bus`] the port-I/O bus the vCPU threads dispatch `KVM_EXIT_IO` to;
+//! - [`persist`] the state every device saves into a checkpoint and restores from;
 //!
 //! and on PCI:
 //! - [`pci`] the root bus with its host bridge (config mechanism #1 at 0xCF8), MSI-X;
@@ -26,6 +27,7 @@ pub mod bus;
 pub mod debug_exit;
 pub mod i8042;
 pub mod pci;
+pub mod persist;
 pub mod rtc;
 pub mod serial;
 pub mod virtio;

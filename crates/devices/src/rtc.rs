@@ -8,6 +8,9 @@
 
 use std::time::{SystemTime, UNIX_EPOCH};
 
+use serde::{Deserialize, Serialize};
+
+use crate::persist::{Persist, PersistError};
 use crate::{PioDevice, read_bytewise, write_bytewise};
 
 /// Index port; the data port follows it.
@@ -205,6 +208,43 @@ impl CmosRtc {
     }
 }
 
+/// `rtc` version 1: the index register and the 128 CMOS bytes. The time registers are not
+/// state: they are read from the host clock, so a restored guest sees the time of day now
+/// (its kvmclock, restored with the irqchip, keeps its own time consistent).
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct RtcStateV1 {
+    pub index: u8,
+    pub cmos: Vec<u8>,
+}
+
+impl Persist for CmosRtc {
+    type State = RtcStateV1;
+    const VERSION: u32 = 1;
+    const NAME: &'static str = "CMOS RTC";
+
+    fn save(&self) -> Result<RtcStateV1, PersistError> {
+        Ok(RtcStateV1 {
+            index: self.index,
+            cmos: self.cmos.to_vec(),
+        })
+    }
+
+    fn restore(&mut self, state: RtcStateV1) -> Result<(), PersistError> {
+        let cmos: [u8; CMOS_SIZE] =
+            state
+                .cmos
+                .as_slice()
+                .try_into()
+                .map_err(|_| PersistError::Mismatch {
+                    device: Self::NAME,
+                    detail: format!("{} CMOS bytes, expected {CMOS_SIZE}", state.cmos.len()),
+                })?;
+        self.index = state.index & INDEX_MASK;
+        self.cmos = cmos;
+        Ok(())
+    }
+}
+
 impl PioDevice for CmosRtc {
     fn read(&mut self, offset: u16, data: &mut [u8]) {
         read_bytewise(offset, data, |off| match off {
@@ -380,6 +420,31 @@ mod tests {
         assert_eq!(rtc.encode_hours(11), 0x11);
         assert_eq!(rtc.encode_hours(12), 0x12 | HOURS_PM);
         assert_eq!(rtc.encode_hours(23), 0x11 | HOURS_PM);
+    }
+
+    #[test]
+    fn state_round_trips_and_bad_states_are_refused() {
+        use crate::persist::DeviceState;
+        let mut rtc = CmosRtc::new();
+        rtc.write(INDEX, &[0x40, 0x77]);
+        rtc.write(INDEX, &[REG_B, REG_B_BINARY | REG_B_24_HOUR]);
+        rtc.write(INDEX, &[0x41]);
+        let bytes = rtc.save_state().expect("save");
+        let mut fresh = CmosRtc::new();
+        fresh.restore_state(1, &bytes).expect("restore");
+        assert_eq!(fresh.save_state().expect("save"), bytes);
+        let mut data = [0u8];
+        fresh.read(INDEX, &mut data);
+        assert_eq!(data, [0x41], "index register");
+        assert_eq!(read_reg(&mut fresh, 0x40), 0x77);
+        assert_eq!(read_reg(&mut fresh, REG_CENTURY), 20, "binary mode kept");
+        let short = crate::persist::encode::<CmosRtc>(&RtcStateV1 {
+            index: 0,
+            cmos: vec![0; 12],
+        })
+        .expect("encode");
+        assert!(fresh.restore_state(1, &short).is_err());
+        assert!(fresh.restore_state(1, &bytes[..7]).is_err());
     }
 
     #[test]

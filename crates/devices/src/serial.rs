@@ -5,9 +5,12 @@
 
 use std::io::{self, Write};
 
-use vm_superio::{Serial, Trigger, serial::NoEvents};
+use serde::{Deserialize, Serialize};
+use vm_superio::serial::{NoEvents, SerialState};
+use vm_superio::{Serial, Trigger};
 use vmm_sys_util::eventfd::{EFD_NONBLOCK, EventFd};
 
+use crate::persist::{Persist, PersistError};
 use crate::{PioDevice, read_bytewise, write_bytewise};
 
 /// COM1 base port (the console).
@@ -87,6 +90,90 @@ impl SerialPort {
             && !std::mem::replace(&mut self.error_logged, true)
         {
             log::warn!("serial port: {e}; dropping output it cannot deliver (logged once)");
+        }
+    }
+}
+
+/// The 16550's registers and receive FIFO (`serial.com1`/`serial.com2` version 1): the
+/// fields of vm-superio's `SerialState`, which has no serde encoding of its own.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct SerialStateV1 {
+    pub baud_divisor_low: u8,
+    pub baud_divisor_high: u8,
+    pub interrupt_enable: u8,
+    pub interrupt_identification: u8,
+    pub line_control: u8,
+    pub line_status: u8,
+    pub modem_control: u8,
+    pub modem_status: u8,
+    pub scratch: u8,
+    /// Received bytes the guest has not read yet (at most 64).
+    pub in_buffer: Vec<u8>,
+}
+
+impl Persist for SerialPort {
+    type State = SerialStateV1;
+    const VERSION: u32 = 1;
+    const NAME: &'static str = "serial port";
+
+    fn save(&self) -> Result<SerialStateV1, PersistError> {
+        let s = self.uart.state();
+        Ok(SerialStateV1 {
+            baud_divisor_low: s.baud_divisor_low,
+            baud_divisor_high: s.baud_divisor_high,
+            interrupt_enable: s.interrupt_enable,
+            interrupt_identification: s.interrupt_identification,
+            line_control: s.line_control,
+            line_status: s.line_status,
+            modem_control: s.modem_control,
+            modem_status: s.modem_status,
+            scratch: s.scratch,
+            in_buffer: s.in_buffer,
+        })
+    }
+
+    /// Rebuilds the UART from the state around this port's own interrupt eventfd and sink;
+    /// an interrupt the saved registers say is pending is raised again.
+    fn restore(&mut self, s: SerialStateV1) -> Result<(), PersistError> {
+        let err = |detail: String| PersistError::Restore {
+            device: Self::NAME,
+            detail,
+        };
+        let state = SerialState {
+            baud_divisor_low: s.baud_divisor_low,
+            baud_divisor_high: s.baud_divisor_high,
+            interrupt_enable: s.interrupt_enable,
+            interrupt_identification: s.interrupt_identification,
+            line_control: s.line_control,
+            line_status: s.line_status,
+            modem_control: s.modem_control,
+            modem_status: s.modem_status,
+            scratch: s.scratch,
+            in_buffer: s.in_buffer,
+        };
+        if state.in_buffer.len() > 64 {
+            return Err(PersistError::Mismatch {
+                device: Self::NAME,
+                detail: format!("{} bytes in a 64-byte FIFO", state.in_buffer.len()),
+            });
+        }
+        let clone = || {
+            self.interrupt_evt()
+                .try_clone()
+                .map(IrqTrigger)
+                .map_err(|e| err(format!("cannot duplicate its interrupt eventfd: {e}")))
+        };
+        let (placeholder, trigger) = (clone()?, clone()?);
+        let old = std::mem::replace(
+            &mut self.uart,
+            Serial::new(placeholder, Box::new(io::sink())),
+        );
+        match Serial::from_state(&state, trigger, NoEvents, old.into_writer()) {
+            Ok(uart) => {
+                self.uart = uart;
+                Ok(())
+            }
+            Err(e) => Err(err(format!("{e:?}"))),
         }
     }
 }
@@ -232,6 +319,55 @@ mod tests {
         let mut data = [0u8; 2];
         port.read(3, &mut data);
         assert_eq!(data, [0x03, 0x0b]);
+    }
+
+    #[test]
+    fn state_round_trips_with_registers_fifo_and_pending_interrupt() {
+        use crate::persist::DeviceState;
+        let sink = SharedSink::default();
+        let mut port = SerialPort::new(Box::new(sink.clone())).unwrap();
+        port.write(3, &[0x80]); // DLAB: divisor latch
+        port.write(0, &[0x0c]);
+        port.write(1, &[0x00]);
+        port.write(3, &[0x03]); // 8N1
+        port.write(4, &[0x0b]);
+        port.write(7, &[0x5a]); // scratch
+        port.write(IER, &[0x01]); // received-data interrupt
+        assert_eq!(port.enqueue_input(b"abc"), 3);
+        port.interrupt_evt().read().unwrap();
+        let bytes = port.save_state().unwrap();
+
+        let sink2 = SharedSink::default();
+        let mut fresh = SerialPort::new(Box::new(sink2.clone())).unwrap();
+        fresh.restore_state(1, &bytes).unwrap();
+        assert_eq!(fresh.save_state().unwrap(), bytes);
+        assert_eq!(
+            fresh.interrupt_evt().read().unwrap(),
+            1,
+            "the pending data interrupt is raised again"
+        );
+        assert_eq!(read_byte(&mut fresh, 7), 0x5a);
+        assert_eq!(read_byte(&mut fresh, 3), 0x03);
+        assert_eq!(read_byte(&mut fresh, THR), b'a');
+        assert_eq!(read_byte(&mut fresh, THR), b'b');
+        fresh.write(THR, b"z");
+        assert_eq!(
+            sink2.0.lock().unwrap().as_slice(),
+            b"z",
+            "its own sink is kept"
+        );
+        assert!(sink.0.lock().unwrap().is_empty());
+
+        // Damaged states are errors.
+        assert!(fresh.restore_state(2, &bytes).is_err(), "version");
+        assert!(fresh.restore_state(1, &bytes[..4]).is_err(), "truncated");
+        let mut long = bytes.clone();
+        long.push(0);
+        assert!(fresh.restore_state(1, &long).is_err(), "trailing bytes");
+        let mut too_full = port.save().unwrap();
+        too_full.in_buffer = vec![0; 65];
+        let encoded = crate::persist::encode::<SerialPort>(&too_full).unwrap();
+        assert!(fresh.restore_state(1, &encoded).is_err(), "FIFO overflow");
     }
 
     #[test]

@@ -110,13 +110,13 @@ fn checkpoint_rows(args: &BenchSnapshotArgs, guest: &Path, root: &Path) -> anyho
     );
     println!("|---|---|---|---|---|---|---|");
     for touched in TOUCHED_MIB {
-        let mut vm = boot_halted(guest, 1024, touched)?;
+        let vm = boot_halted(guest, 1024, touched)?;
         let dir = root.join("ckpt");
         let mut times = Vec::new();
         let mut allocated = 0;
         for round in 0..=args.runs {
             settle();
-            let info = snapshot::checkpoint(&mut vm, &dir, CheckpointKind::Full)?;
+            let info = snapshot::checkpoint(&vm, &dir, CheckpointKind::Full)?;
             let meta = std::fs::metadata(dir.join("memory.raw"))?;
             allocated = meta.blocks() * 512;
             if round > 0 {
@@ -203,11 +203,11 @@ fn incremental_rows(args: &BenchSnapshotArgs, guest: &Path, root: &Path) -> anyh
     let (mut full, mut inc, mut pages) = (Vec::new(), Vec::new(), Vec::new());
     for round in 0..=args.runs {
         settle();
-        let f = snapshot::checkpoint(&mut vm, &root.join("inc-base"), CheckpointKind::Full)?;
+        let f = snapshot::checkpoint(&vm, &root.join("inc-base"), CheckpointKind::Full)?;
         std::thread::sleep(Duration::from_millis(100));
         settle();
         let dir = root.join(format!("inc-{round}"));
-        let i = snapshot::checkpoint(&mut vm, &dir, CheckpointKind::Incremental)?;
+        let i = snapshot::checkpoint(&vm, &dir, CheckpointKind::Incremental)?;
         std::fs::remove_dir_all(&dir)?;
         if round > 0 {
             full.push(ms(f.paused_for));
@@ -269,8 +269,8 @@ fn restore_rows(args: &BenchSnapshotArgs, guest: &Path, root: &Path) -> anyhow::
     for size in SIZES_MIB {
         let dir = root.join(format!("restore-{size}"));
         {
-            let mut vm = boot_halted(guest, size, RESTORE_TOUCHED_MIB)?;
-            snapshot::checkpoint(&mut vm, &dir, CheckpointKind::Full)?;
+            let vm = boot_halted(guest, size, RESTORE_TOUCHED_MIB)?;
+            snapshot::checkpoint(&vm, &dir, CheckpointKind::Full)?;
         }
         let qemu_file = root.join(format!("qemu-{size}.mig"));
         if !args.no_qemu {

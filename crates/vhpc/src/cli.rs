@@ -32,12 +32,16 @@ pub enum Command {
     /// Move a running VM to another VMM process (this host or another) while it runs; the
     /// destination waits with `vhpc vm receive NAME --listen HOST:PORT`.
     Migrate(crate::vm::MigrateArgs),
-    /// Checkpoints on disk: inspect and verify one, merge a chain into one.
-    #[command(subcommand)]
-    Snapshot(SnapshotCommand),
-    /// Start a new VM from a checkpoint (or the chain ending at it) and run it until the guest
-    /// ends; exit with the guest's status, as `vhpc run` does.
+    /// Checkpoint a long-running VM (`vhpc snapshot NAME DIR`), or inspect and merge
+    /// checkpoints on disk.
+    Snapshot(SnapshotArgs),
+    /// Start a new VM from a checkpoint (or the chain ending at it): with --name as a
+    /// long-running VM, else run it until the guest ends and exit with its status, as
+    /// `vhpc run` does.
     Restore(RestoreArgs),
+    /// A test program for checkpoints (runs anywhere; in guests as `/init guest-memtest`):
+    /// keeps rewriting N MiB and a running checksum, reports progress to a file.
+    GuestMemtest(crate::guest_memtest::MemtestArgs),
     /// Inside a guest: measure block-device throughput with direct I/O (used by `vhpc bench blk`).
     #[command(hide = true)]
     GuestIo(GuestIoArgs),
@@ -62,6 +66,26 @@ pub struct GuestIoArgs {
     pub patterns: Vec<crate::guest_io::IoPattern>,
 }
 
+#[derive(Args)]
+#[command(args_conflicts_with_subcommands = true, subcommand_negates_reqs = true)]
+pub struct SnapshotArgs {
+    #[command(subcommand)]
+    pub command: Option<SnapshotCommand>,
+    /// The long-running VM to checkpoint (pause, save, resume).
+    #[arg(required = true)]
+    pub name: Option<String>,
+    /// The checkpoint directory (replaced atomically if it exists).
+    #[arg(required = true)]
+    pub dir: Option<PathBuf>,
+    /// Only the pages written since this VM's previous checkpoint (taken by the same VMM).
+    #[arg(long)]
+    pub incremental: bool,
+    /// Stop the VM after the checkpoint (it stays paused, its VMM ends): its disks then stay
+    /// as the checkpoint recorded them, so it can be restored.
+    #[arg(long)]
+    pub stop: bool,
+}
+
 #[derive(Subcommand)]
 pub enum SnapshotCommand {
     /// Print a checkpoint's header, host, VM config, components and sizes; verify its
@@ -84,6 +108,10 @@ pub enum SnapshotCommand {
 pub struct RestoreArgs {
     /// The checkpoint directory.
     pub dir: PathBuf,
+    /// Restore as a long-running VM with this name (`vhpc exec NAME`, `vhpc vm ...`) and
+    /// return once its guest agent answers.
+    #[arg(long, conflicts_with_all = ["console", "timeout"])]
+    pub name: Option<String>,
     /// Show the guest's serial console on stderr.
     #[arg(long)]
     pub console: bool,

@@ -10,6 +10,7 @@ mod bench_snapshot;
 mod cli;
 mod exit_codes;
 mod guest_io;
+mod guest_memtest;
 mod image_cmd;
 mod lab_cmd;
 mod relay;
@@ -34,11 +35,12 @@ fn main() {
         cli::Command::Vm(cmd) => vm::run(cmd),
         cli::Command::Exec(args) => vm::commands::exec(args),
         cli::Command::Migrate(args) => vm::commands::migrate(args),
-        cli::Command::Bench(cli::BenchCommand::Snapshot(args)) => bench_snapshot::run(args),
-        cli::Command::Snapshot(cmd) => snapshot_cmd::run(cmd),
-        cli::Command::Restore(args) => snapshot_cmd::restore(args),
         cli::Command::GuestIo(args) => guest_io::run(args),
         cli::Command::Bench(cli::BenchCommand::Blk(args)) => bench_blk::run(args),
+        cli::Command::Bench(cli::BenchCommand::Snapshot(args)) => bench_snapshot::run(args),
+        cli::Command::Snapshot(args) => snapshot_cmd::run(args),
+        cli::Command::Restore(args) => snapshot_cmd::restore(args),
+        cli::Command::GuestMemtest(args) => guest_memtest::run(args),
     };
     match status {
         Ok(code) => std::process::exit(code),

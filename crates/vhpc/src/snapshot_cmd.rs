@@ -8,10 +8,19 @@ use vhpc_vmm::snapshot::format::MemoryContents;
 use vhpc_vmm::snapshot::{self, Inspection, RestoreOptions};
 use vhpc_vmm::{VmIo, VmOutcome};
 
-use crate::cli::{RestoreArgs, SnapshotCommand};
+use crate::cli::{RestoreArgs, SnapshotArgs, SnapshotCommand};
 use crate::exit_codes;
 
-pub fn run(cmd: SnapshotCommand) -> anyhow::Result<i32> {
+/// How long `vhpc restore --name` waits for the restored guest agent.
+const RESTORE_READY_TIMEOUT: Duration = Duration::from_secs(120);
+
+pub fn run(args: SnapshotArgs) -> anyhow::Result<i32> {
+    let Some(cmd) = args.command else {
+        let (Some(name), Some(dir)) = (args.name, args.dir) else {
+            anyhow::bail!("give NAME and DIR (vhpc snapshot NAME DIR), or inspect/merge");
+        };
+        return crate::vm::commands::snapshot(&name, &dir, args.incremental, args.stop);
+    };
     match cmd {
         SnapshotCommand::Inspect { dir } => {
             let inspection = snapshot::inspect(&dir)?;
@@ -140,6 +149,15 @@ fn describe(i: &Inspection) -> String {
 
 /// `vhpc restore DIR`: a new VM from the checkpoint, run until the guest ends.
 pub fn restore(args: RestoreArgs) -> anyhow::Result<i32> {
+    if let Some(name) = &args.name {
+        return crate::vm::commands::restore_named(
+            &args.dir,
+            name,
+            args.force,
+            args.prefault,
+            RESTORE_READY_TIMEOUT,
+        );
+    }
     let io = VmIo {
         console: if args.console {
             Box::new(std::io::stderr())

@@ -64,10 +64,9 @@ fn chain_of_a_counting_guest(root: &Path, n: u64) {
     let mut vm = Vm::boot(&config, io).expect("boot");
     vm.start().expect("start");
     wait_for_count(&vm, n / 10);
-    snapshot::checkpoint(&mut vm, &root.join("c0"), CheckpointKind::Full).expect("full");
+    snapshot::checkpoint(&vm, &root.join("c0"), CheckpointKind::Full).expect("full");
     wait_for_count(&vm, counter(&vm) + 1000);
-    snapshot::checkpoint(&mut vm, &root.join("c1"), CheckpointKind::Incremental)
-        .expect("incremental");
+    snapshot::checkpoint(&vm, &root.join("c1"), CheckpointKind::Incremental).expect("incremental");
     vm.pause().expect("pause");
     assert!(counter(&vm) < n, "checkpointed before the end");
 }

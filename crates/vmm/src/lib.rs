@@ -4,6 +4,7 @@
 //! - [`boot`] direct boot: Linux 64-bit (bzImage) or PVH (ELF with a PVH note), initramfs;
 //! - [`cpuid`], [`vcpu_setup`] per-vCPU configuration; [`vcpu`] the vCPU threads;
 //! - [`vcpu_state`], [`vm_state`] the state of a vCPU and of a VM, for save → restore;
+//!   [`device_state`] the device models' part of it;
 //! - [`pci_devices`] the PCI bus and virtio devices, wired to KVM (irqfd, ioeventfd, MSI
 //!   routes);
 //! - [`snapshot`] checkpoints on disk (full, incremental), lazy restore, merge, inspect;
@@ -17,6 +18,7 @@ pub mod agent_input;
 pub mod boot;
 pub mod console;
 pub mod cpuid;
+pub mod device_state;
 pub mod events;
 pub mod host;
 pub mod layout;

@@ -5,13 +5,26 @@
 use std::fs::File;
 use std::sync::Arc;
 
+use std::num::NonZeroUsize;
+
+use vm_memory::bitmap::AtomicBitmap;
 use vm_memory::mmap::MmapRegionBuilder;
 use vm_memory::{FileOffset, GuestAddress, GuestMemoryMmap, GuestRegionMmap};
 
 use crate::layout;
 use vhpc_api::MemoryConfig;
 
-pub type GuestMemory = GuestMemoryMmap<()>;
+/// Guest RAM with a bitmap of the pages the VMM itself wrote (see
+/// `vhpc_devices::virtio::GuestMemory`, the same type).
+pub type GuestMemory = GuestMemoryMmap<AtomicBitmap>;
+
+/// The granularity of the VMM's own dirty bitmap: one bit per 4 KiB page, as KVM's log.
+const PAGE_SIZE: NonZeroUsize = NonZeroUsize::new(4096).expect("4096 is not zero");
+
+/// A dirty bitmap for a region of `len` bytes.
+fn bitmap(len: u64) -> AtomicBitmap {
+    AtomicBitmap::new(len as usize, PAGE_SIZE)
+}
 
 const HUGEPAGE_SIZE: u64 = 2 << 20;
 
@@ -48,7 +61,7 @@ fn map_region(
     start: u64,
     len: u64,
     config: &MemoryConfig,
-) -> Result<GuestRegionMmap<()>, MemoryError> {
+) -> Result<GuestRegionMmap<AtomicBitmap>, MemoryError> {
     let mut flags = libc::MAP_PRIVATE | libc::MAP_ANONYMOUS | libc::MAP_NORESERVE;
     if config.hugepages {
         flags |= libc::MAP_HUGETLB | libc::MAP_HUGE_2MB;
@@ -61,7 +74,7 @@ fn map_region(
     } else {
         ""
     };
-    let region = MmapRegionBuilder::new(len as usize)
+    let region = MmapRegionBuilder::new_with_bitmap(len as usize, bitmap(len))
         .with_mmap_prot(libc::PROT_READ | libc::PROT_WRITE)
         .with_mmap_flags(flags)
         .build()
@@ -105,7 +118,7 @@ pub fn map_file(
         if prefault {
             flags |= libc::MAP_POPULATE;
         }
-        let region = MmapRegionBuilder::new(r.len as usize)
+        let region = MmapRegionBuilder::new_with_bitmap(r.len as usize, bitmap(r.len))
             .with_file_offset(FileOffset::from_arc(file.clone(), r.file_offset))
             .with_mmap_prot(libc::PROT_READ | libc::PROT_WRITE)
             .with_mmap_flags(flags)
@@ -125,7 +138,7 @@ pub fn map_file(
 }
 
 fn check_hugepages_backed(
-    region: &vm_memory::mmap::MmapRegion<()>,
+    region: &vm_memory::mmap::MmapRegion<AtomicBitmap>,
     len: u64,
 ) -> Result<(), std::io::Error> {
     // SAFETY: the range is exactly the mapping `region` owns and keeps alive; MADV_POPULATE_WRITE

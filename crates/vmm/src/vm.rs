@@ -23,6 +23,7 @@ use vm_memory::{Bytes, GuestAddress, GuestMemoryBackend as _, GuestMemoryRegion 
 use crate::agent_input::AgentInput;
 use crate::boot::{self, BootEntry, GuestKind, guest_kind, loader, params, pvh};
 use crate::console::{ConsoleLog, ConsoleSink};
+use crate::device_state::{self, LegacyDevices};
 use crate::events::{PowerEvents, VmEvent};
 use crate::host::{self, KvmKind};
 use crate::memory::{self, GuestMemory};
@@ -93,10 +94,17 @@ pub enum VmError {
     VmState(#[from] vm_state::VmStateError),
     #[error("the VM must be paused to save its state; pause it first")]
     NotPaused,
+    #[error("the VM has not been started; start it (then pause it) before saving its state")]
+    NotStarted,
     #[error("dirty logging is off; turn it on (set_dirty_logging) before reading the dirty log")]
     DirtyLogOff,
     #[error("cannot restore: {0}; restore with the config the state was saved with")]
     RestoreMismatch(String),
+    #[error("device {name}: {source}")]
+    DeviceState {
+        name: String,
+        source: vhpc_devices::persist::PersistError,
+    },
 }
 
 fn kvm_err(what: &'static str) -> impl FnOnce(kvm_ioctls::Error) -> VmError {
@@ -144,6 +152,8 @@ pub struct Vm {
     log: ConsoleLog,
     /// COM2, for [`Vm::agent_input`].
     agent_port: Arc<Mutex<SerialPort>>,
+    /// The port-I/O devices whose state is saved.
+    legacy: LegacyDevices,
     paused: AtomicBool,
     dirty_logging: AtomicBool,
     config: VmConfig,
@@ -179,7 +189,12 @@ impl Vm {
     pub fn restore(config: &VmConfig, io: VmIo, state: &VmState) -> Result<Vm, VmError> {
         let mem = memory::create(&config.memory)?;
         vm_state::restore_memory(&mem, &state.memory)?;
-        Vm::restore_into(config, io, &state.vcpus, &state.irqchip, mem)
+        let saved = SavedMachine {
+            vcpus: &state.vcpus,
+            irqchip: &state.irqchip,
+            devices: &state.devices,
+        };
+        Vm::restore_into(config, io, saved, mem)
     }
 
     /// Creates a VM around guest memory that already holds the saved contents (e.g. a lazily
@@ -191,16 +206,21 @@ impl Vm {
         state: &MachineState,
         mem: GuestMemory,
     ) -> Result<Vm, VmError> {
-        Vm::restore_into(config, io, &state.vcpus, &state.irqchip, mem)
+        let saved = SavedMachine {
+            vcpus: &state.vcpus,
+            irqchip: &state.irqchip,
+            devices: &state.devices,
+        };
+        Vm::restore_into(config, io, saved, mem)
     }
 
     fn restore_into(
         config: &VmConfig,
         io: VmIo,
-        vcpus: &[crate::VcpuState],
-        irqchip: &IrqchipState,
+        state: SavedMachine<'_>,
         mem: GuestMemory,
     ) -> Result<Vm, VmError> {
+        let (vcpus, irqchip) = (state.vcpus, state.irqchip);
         if vcpus.len() != config.vcpus as usize {
             return Err(VmError::RestoreMismatch(format!(
                 "the state has {} vCPUs, the config {}",
@@ -211,6 +231,8 @@ impl Vm {
         let (kvm, _) = open_kvm(config)?;
         let mut vm = Vm::create(&kvm, config, mem, io.console, io.agent)?;
         irqchip.restore(&vm.fd)?;
+        // After the irqchip (a serial port may raise its pending interrupt), before the vCPUs.
+        device_state::restore(&vm.legacy, &vm.bus.pci, state.devices)?;
         for (index, saved) in vcpus.iter().enumerate() {
             let fd = vm
                 .fd
@@ -245,7 +267,9 @@ impl Vm {
         let (events_tx, events_rx) = channel();
         let log = ConsoleLog::default();
         let console = ConsoleSink::new(console, log.clone(), events_tx.clone());
-        let (mut pio, agent_port) = build_devices(&fd, Box::new(console), agent, &events_tx)?;
+        let (mut pio, legacy) = build_devices(&fd, Box::new(console), agent, &events_tx)?;
+        let agent_port = legacy.agent_port.clone();
+        let legacy = legacy.saved;
         let pci = crate::pci_devices::build(&fd, &mem, &config.disks, &mut pio)?;
         let bus = Arc::new(Buses { pio, pci });
         Ok(Vm {
@@ -259,6 +283,7 @@ impl Vm {
             events: Mutex::new(events_rx),
             log,
             agent_port,
+            legacy,
             paused: AtomicBool::new(false),
             dirty_logging: AtomicBool::new(false),
             config: config.clone(),
@@ -293,17 +318,27 @@ impl Vm {
     /// Stops every vCPU between two instructions; returns when all have stopped. Takes
     /// `&self` so one thread can [`Vm::wait`] while another pauses; callers that pause and
     /// resume from several threads serialise those calls themselves.
+    /// The devices are paused after the vCPUs: a virtio device finishes the requests it took
+    /// and stops its worker thread, so nothing is in flight and guest memory stays still.
     pub fn pause(&self) -> Result<(), VmError> {
         self.command_all(VcpuCommand::Pause, VcpuRunState::Paused)?;
+        self.bus.pci.pause_devices();
         self.paused.store(true, Ordering::SeqCst);
         Ok(())
     }
 
-    /// Lets every vCPU run again.
+    /// Lets the devices, then every vCPU, run again.
     pub fn resume(&self) -> Result<(), VmError> {
+        self.bus.pci.resume_devices();
         self.command_all(VcpuCommand::Resume, VcpuRunState::Running)?;
         self.paused.store(false, Ordering::SeqCst);
         Ok(())
+    }
+
+    /// Ends the VM from the host: [`Vm::wait`] returns [`VmOutcome::PowerOff`] as if the guest
+    /// had powered off (the vCPUs stay where they are, e.g. paused after a final checkpoint).
+    pub fn stop(&self) {
+        let _ = self.events_tx.send(VmEvent::PowerOff);
     }
 
     /// Whether the VM is paused.
@@ -332,13 +367,17 @@ impl Vm {
         Ok(VmState {
             vcpus: machine.vcpus,
             irqchip: machine.irqchip,
+            devices: machine.devices,
             memory: vm_state::save_memory(&self.mem)?,
         })
     }
 
-    /// Saves everything but guest memory (vCPUs, interrupt controllers, PIT, clock); the VM
-    /// must be paused ([`Vm::pause`]).
+    /// Saves everything but guest memory (vCPUs, interrupt controllers, PIT, clock, device
+    /// models); the VM must be paused ([`Vm::pause`]).
     pub fn save_machine(&self) -> Result<MachineState, VmError> {
+        if !self.pending.is_empty() {
+            return Err(VmError::NotStarted);
+        }
         if !self.is_paused() {
             return Err(VmError::NotPaused);
         }
@@ -350,6 +389,7 @@ impl Vm {
         Ok(MachineState {
             vcpus,
             irqchip: IrqchipState::save(&self.fd)?,
+            devices: device_state::save(&self.legacy, &self.bus.pci)?,
         })
     }
 
@@ -378,27 +418,39 @@ impl Vm {
             .unwrap_or_else(|p| p.into_inner()) = link;
     }
 
-    /// Starts or stops KVM's dirty-page log for all guest memory.
+    /// Starts or stops KVM's dirty-page log for all guest memory. Starting it also clears the
+    /// VMM's own dirty bitmap, so both count from now.
     pub fn set_dirty_logging(&self, on: bool) -> Result<(), VmError> {
         let flags = if on { KVM_MEM_LOG_DIRTY_PAGES } else { 0 };
         register_memory(&self.fd, &self.mem, flags)?;
+        if on {
+            for region in self.mem.iter() {
+                vmm_bitmap(region).reset();
+            }
+        }
         self.dirty_logging.store(on, Ordering::SeqCst);
         Ok(())
     }
 
-    /// Guest-physical addresses of the pages the guest wrote since dirty logging started or
-    /// since the last call (KVM_GET_DIRTY_LOG clears the log), in ascending order. Writes the
-    /// VMM makes itself (loading the kernel, restoring memory) are not in it.
+    /// Guest-physical addresses of the pages written since dirty logging started or since
+    /// the last call, in ascending order: the guest's writes (KVM_GET_DIRTY_LOG, which clears
+    /// the log) together with those of the VMM's device threads through guest memory (used
+    /// rings, disk reads: vm-memory's dirty bitmap, cleared too). The VMM's writes while
+    /// loading or restoring a guest come before dirty logging starts and are not counted.
     pub fn dirty_pages(&self) -> Result<Vec<u64>, VmError> {
         if !self.dirty_logging() {
             return Err(VmError::DirtyLogOff);
         }
         let mut pages = Vec::new();
         for (slot, region) in self.mem.iter().enumerate() {
-            let bitmap = self
+            let mut bitmap = self
                 .fd
                 .get_dirty_log(slot as u32, region.len() as usize)
                 .map_err(kvm_err("KVM_GET_DIRTY_LOG"))?;
+            let by_vmm = vmm_bitmap(region).get_and_reset();
+            for (word, extra) in bitmap.iter_mut().zip(by_vmm) {
+                *word |= extra;
+            }
             pages.extend(dirty_addresses(region.start_addr().0, &bitmap));
         }
         Ok(pages)
@@ -424,6 +476,21 @@ impl Drop for Vm {
             vcpu.exit_and_join();
         }
     }
+}
+
+/// Borrowed parts of a saved VM, from a [`VmState`] or a [`MachineState`].
+struct SavedMachine<'a> {
+    vcpus: &'a [crate::VcpuState],
+    irqchip: &'a IrqchipState,
+    devices: &'a [device_state::DeviceSnapshot],
+}
+
+/// The VMM's own dirty bitmap of a region (vm-memory's, set by writes through it).
+fn vmm_bitmap(
+    region: &vm_memory::GuestRegionMmap<vm_memory::bitmap::AtomicBitmap>,
+) -> &vm_memory::bitmap::AtomicBitmap {
+    let mapping: &vm_memory::mmap::MmapRegion<_> = region;
+    mapping.bitmap()
 }
 
 /// Page addresses of the set bits of a KVM dirty bitmap for a region starting at `start`.
@@ -491,12 +558,18 @@ fn setup_irqchip(vm: &VmFd) -> Result<(), VmError> {
     vm.create_pit2(pit).map_err(kvm_err("KVM_CREATE_PIT2"))
 }
 
+/// The port-I/O devices as built: COM2 for the agent input, and every device with state.
+struct BuiltDevices {
+    agent_port: Arc<Mutex<SerialPort>>,
+    saved: LegacyDevices,
+}
+
 fn build_devices(
     vm: &VmFd,
     console: Box<dyn Write + Send>,
     agent: Box<dyn Write + Send>,
     events: &Sender<VmEvent>,
-) -> Result<(PioBus, Arc<Mutex<SerialPort>>), VmError> {
+) -> Result<(PioBus, BuiltDevices), VmError> {
     let dev_err = |what| {
         move |e: &dyn std::fmt::Display| VmError::Device {
             what,
@@ -506,9 +579,22 @@ fn build_devices(
     let power = Arc::new(PowerEvents(events.clone()));
     let mut bus = PioBus::default();
     let mut agent_port = None;
-    for (port, irq, out, what) in [
-        (COM1_PORT, COM1_IRQ, console, "serial console (COM1)"),
-        (COM2_PORT, COM2_IRQ, agent, "agent serial port (COM2)"),
+    let mut saved = LegacyDevices::default();
+    for (port, irq, out, what, name) in [
+        (
+            COM1_PORT,
+            COM1_IRQ,
+            console,
+            "serial console (COM1)",
+            "dev.com1",
+        ),
+        (
+            COM2_PORT,
+            COM2_IRQ,
+            agent,
+            "agent serial port (COM2)",
+            "dev.com2",
+        ),
     ] {
         let serial = SerialPort::new(out).map_err(|e| dev_err(what)(&e))?;
         vm.register_irqfd(serial.interrupt_evt(), irq)
@@ -516,31 +602,25 @@ fn build_devices(
         let serial = Arc::new(Mutex::new(serial));
         bus.insert(port, SERIAL_PORT_LEN, serial.clone())
             .map_err(|e| dev_err(what)(&e))?;
+        saved.0.push((name, serial.clone()));
         if port == COM2_PORT {
             agent_port = Some(serial);
         }
     }
     let agent_port = agent_port.expect("COM2 is in the list above");
     let keyboard = i8042::I8042::new(power.clone()).map_err(|e| dev_err("i8042")(&e))?;
-    bus.insert(
-        i8042::I8042_PORT,
-        i8042::I8042_LEN,
-        Arc::new(Mutex::new(keyboard)),
-    )
-    .map_err(|e| dev_err("i8042")(&e))?;
-    bus.insert(
-        rtc::RTC_PORT,
-        rtc::RTC_LEN,
-        Arc::new(Mutex::new(rtc::CmosRtc::new())),
-    )
-    .map_err(|e| dev_err("CMOS RTC")(&e))?;
-    let pm = acpi_pm::AcpiPmDevice::new(power.clone());
-    bus.insert(
-        acpi_pm::ACPI_PM_PORT,
-        acpi_pm::ACPI_PM_LEN,
-        Arc::new(Mutex::new(pm)),
-    )
-    .map_err(|e| dev_err("ACPI power management")(&e))?;
+    let keyboard = Arc::new(Mutex::new(keyboard));
+    bus.insert(i8042::I8042_PORT, i8042::I8042_LEN, keyboard.clone())
+        .map_err(|e| dev_err("i8042")(&e))?;
+    saved.0.push(("dev.i8042", keyboard));
+    let clock = Arc::new(Mutex::new(rtc::CmosRtc::new()));
+    bus.insert(rtc::RTC_PORT, rtc::RTC_LEN, clock.clone())
+        .map_err(|e| dev_err("CMOS RTC")(&e))?;
+    saved.0.push(("dev.rtc", clock));
+    let pm = Arc::new(Mutex::new(acpi_pm::AcpiPmDevice::new(power.clone())));
+    bus.insert(acpi_pm::ACPI_PM_PORT, acpi_pm::ACPI_PM_LEN, pm.clone())
+        .map_err(|e| dev_err("ACPI power management")(&e))?;
+    saved.0.push(("dev.acpi_pm", pm));
     let exit = debug_exit::DebugExit::new(power);
     bus.insert(
         debug_exit::DEBUG_EXIT_PORT,
@@ -548,7 +628,7 @@ fn build_devices(
         Arc::new(Mutex::new(exit)),
     )
     .map_err(|e| dev_err("debug-exit port")(&e))?;
-    Ok((bus, agent_port))
+    Ok((bus, BuiltDevices { agent_port, saved }))
 }
 
 /// Loads kernel, initramfs, command line, ACPI tables and the boot protocol's structures

@@ -1,9 +1,8 @@
 //! A whole VM's state for save → restore into a brand-new VM: every vCPU ([`VcpuState`]), the
 //! in-kernel interrupt controllers, PIT and clock, and guest memory.
 //!
-//! Kept in memory for now (tests, and later the snapshot writer and the migration stream build
-//! on it). Device models on the port-I/O bus are not part of it yet: a restored VM gets fresh
-//! serial ports, which is all a guest that only writes to them can tell.
+//! Kept in memory (tests; the snapshot writer and the migration stream build on it). The
+//! device models' state is in [`crate::device_state`].
 
 use kvm_bindings::{
     KVM_IRQCHIP_IOAPIC, KVM_IRQCHIP_PIC_MASTER, KVM_IRQCHIP_PIC_SLAVE, kvm_clock_data, kvm_irqchip,
@@ -12,6 +11,7 @@ use kvm_bindings::{
 use kvm_ioctls::VmFd;
 use vm_memory::{Bytes, GuestAddress, GuestMemoryBackend as _, GuestMemoryRegion as _};
 
+use crate::device_state::DeviceSnapshot;
 use crate::memory::GuestMemory;
 use crate::vcpu_state::VcpuState;
 
@@ -20,6 +20,7 @@ use crate::vcpu_state::VcpuState;
 pub struct VmState {
     pub vcpus: Vec<VcpuState>,
     pub irqchip: IrqchipState,
+    pub devices: Vec<DeviceSnapshot>,
     pub memory: Vec<MemoryRegionState>,
 }
 
@@ -28,6 +29,7 @@ pub struct VmState {
 pub struct MachineState {
     pub vcpus: Vec<VcpuState>,
     pub irqchip: IrqchipState,
+    pub devices: Vec<DeviceSnapshot>,
 }
 
 /// PIC master and slave, IOAPIC, PIT and kvmclock.

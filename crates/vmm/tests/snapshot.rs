@@ -93,7 +93,7 @@ fn a_checkpoint_on_disk_restores_into_a_new_vm_and_continues_exactly() {
     wait_for_count(&vm, n / 10);
     let root = tempfile::tempdir().unwrap();
     let dir = root.path().join("ckpt");
-    let info = snapshot::checkpoint(&mut vm, &dir, CheckpointKind::Full).unwrap();
+    let info = snapshot::checkpoint(&vm, &dir, CheckpointKind::Full).unwrap();
     vm.pause().unwrap();
     let paused_at = counter(&vm);
     drop(vm);
@@ -126,12 +126,12 @@ fn five_incremental_checkpoints_restore_as_a_chain_and_merge_into_one() {
     vm.start().unwrap();
     let root = tempfile::tempdir().unwrap();
     wait_for_count(&vm, 2_000);
-    snapshot::checkpoint(&mut vm, &root.path().join("c0"), CheckpointKind::Full).unwrap();
+    snapshot::checkpoint(&vm, &root.path().join("c0"), CheckpointKind::Full).unwrap();
     let mut last = 0;
     for k in 1..=5 {
         wait_for_count(&vm, counter(&vm) + 2_000);
         let info = snapshot::checkpoint(
-            &mut vm,
+            &vm,
             &root.path().join(format!("c{k}")),
             CheckpointKind::Incremental,
         )
@@ -175,7 +175,7 @@ fn checkpoint_of_a_counting_guest(root: &Path) -> std::path::PathBuf {
     vm.start().unwrap();
     wait_for_count(&vm, 100);
     let dir = root.join("ckpt");
-    snapshot::checkpoint(&mut vm, &dir, CheckpointKind::Full).unwrap();
+    snapshot::checkpoint(&vm, &dir, CheckpointKind::Full).unwrap();
     dir
 }
 
@@ -286,14 +286,14 @@ fn a_failed_checkpoint_leaves_the_previous_one_untouched() {
     wait_for_count(&vm, 100);
     let dir = root.path().join("ckpt");
     // No parent yet: refused before anything is written.
-    let err = snapshot::checkpoint(&mut vm, &dir, CheckpointKind::Incremental).unwrap_err();
+    let err = snapshot::checkpoint(&vm, &dir, CheckpointKind::Incremental).unwrap_err();
     assert!(err.to_string().contains("full checkpoint first"), "{err}");
     assert!(!dir.exists());
-    let first = snapshot::checkpoint(&mut vm, &dir, CheckpointKind::Full).unwrap();
+    let first = snapshot::checkpoint(&vm, &dir, CheckpointKind::Full).unwrap();
     // The next checkpoint's temporary directory cannot be made (a file is in its way).
     let blocker = root.path().join(format!("ckpt.tmp-{}", std::process::id()));
     std::fs::write(&blocker, b"").unwrap();
-    snapshot::checkpoint(&mut vm, &dir, CheckpointKind::Full).unwrap_err();
+    snapshot::checkpoint(&vm, &dir, CheckpointKind::Full).unwrap_err();
     let kept = snapshot::Checkpoint::load(&dir).unwrap();
     assert_eq!(
         kept.body.meta.id, first.id,
@@ -303,12 +303,8 @@ fn a_failed_checkpoint_leaves_the_previous_one_untouched() {
     // The VM is running again, and a failed checkpoint forces the next one to be full.
     wait_for_count(&vm, counter(&vm) + 100);
     std::fs::remove_file(&blocker).unwrap();
-    let err = snapshot::checkpoint(
-        &mut vm,
-        &root.path().join("next"),
-        CheckpointKind::Incremental,
-    )
-    .unwrap_err();
+    let err = snapshot::checkpoint(&vm, &root.path().join("next"), CheckpointKind::Incremental)
+        .unwrap_err();
     assert!(err.to_string().contains("full checkpoint first"), "{err}");
 }
 
@@ -321,14 +317,14 @@ fn a_restored_vm_checkpoints_again_sparsely_and_exactly() {
     wait_for_count(&vm, n / 10);
     let root = tempfile::tempdir().unwrap();
     let (first, second) = (root.path().join("first"), root.path().join("second"));
-    snapshot::checkpoint(&mut vm, &first, CheckpointKind::Full).unwrap();
+    snapshot::checkpoint(&vm, &first, CheckpointKind::Full).unwrap();
     drop(vm);
 
     // Its memory is now a private mapping of first/memory.raw.
     let mut vm = snapshot::restore(&first, io(), RestoreOptions::default()).unwrap();
     vm.start().unwrap();
     wait_for_count(&vm, counter(&vm) + 1_000);
-    let info = snapshot::checkpoint(&mut vm, &second, CheckpointKind::Full).unwrap();
+    let info = snapshot::checkpoint(&vm, &second, CheckpointKind::Full).unwrap();
     vm.pause().unwrap();
     drop(vm);
     let allocated = std::fs::metadata(second.join("memory.raw"))
@@ -381,24 +377,226 @@ fn well_framed_but_absurd_checkpoints_are_errors_not_panics() {
     }
 }
 
-#[test]
-fn a_vm_with_virtio_disks_is_refused_until_device_state_is_saved() {
-    let root = tempfile::tempdir().unwrap();
-    let image = root.path().join("disk.img");
+/// A 1-vCPU counting guest with a virtio disk.
+fn config_with_disk(root: &Path, cmdline: &str) -> VmConfig {
+    let image = root.join("disk.img");
     std::fs::File::create(&image)
         .unwrap()
         .set_len(1 << 20)
         .unwrap();
-    let mut config = config(1, 32, "count=0");
+    let mut config = config(1, 32, cmdline);
     config.disks.push(vhpc_api::DiskConfig {
         path: image,
         read_only: false,
     });
+    config
+}
+
+fn device_components(dir: &Path) -> Vec<snapshot::format::Component> {
+    let c = snapshot::Checkpoint::load(dir).unwrap();
+    c.body
+        .components
+        .into_iter()
+        .filter(|c| c.name.starts_with("dev."))
+        .collect()
+}
+
+#[test]
+fn every_device_state_round_trips_and_a_vm_with_a_disk_checkpoints() {
+    let root = tempfile::tempdir().unwrap();
+    let n = 20_000;
+    let config = config_with_disk(root.path(), &format!("count={n}"));
+    let vm = Vm::boot(&config, io()).unwrap();
+    let mut vm = vm;
+    vm.start().unwrap();
+    wait_for_count(&vm, n / 10);
+    let first = root.path().join("c0");
+    snapshot::checkpoint(&vm, &first, CheckpointKind::Full).unwrap();
+    drop(vm);
+    let names: Vec<String> = device_components(&first)
+        .iter()
+        .map(|c| format!("{} v{}", c.name, c.version))
+        .collect();
+    assert_eq!(
+        names,
+        [
+            "dev.com1 v1",
+            "dev.com2 v1",
+            "dev.i8042 v1",
+            "dev.rtc v1",
+            "dev.acpi_pm v1",
+            "dev.pci.bus v1",
+            "dev.pci.0 v1",
+            "dev.pci.1 v1"
+        ]
+    );
+    let disk = &snapshot::Checkpoint::load(&first).unwrap().body.disks;
+    assert_eq!(disk.len(), 1);
+    assert_eq!(disk[0].path, config.disks[0].path);
+
+    // Restore, checkpoint the restored VM at once (started and paused straight away; the
+    // counting guest touches no device meanwhile): every device's state is what was
+    // restored into it.
+    let mut vm = snapshot::restore(&first, io(), RestoreOptions::default()).unwrap();
+    vm.start().unwrap();
+    vm.pause().unwrap();
+    let second = root.path().join("c1");
+    snapshot::checkpoint(&vm, &second, CheckpointKind::Full).unwrap();
+    drop(vm);
+    assert_eq!(device_components(&first), device_components(&second));
+
+    // And the restored guest finishes its count exactly.
+    restore_and_finish(&second, n, {
+        let vm = snapshot::restore(&second, io(), RestoreOptions::default()).unwrap();
+        counter(&vm)
+    });
+}
+
+#[test]
+fn a_programmed_msix_table_is_routed_again_on_real_kvm() {
+    use vhpc_devices::persist::Persist;
+    use vhpc_devices::virtio::pci_transport::VirtioPciDevice;
+    let root = tempfile::tempdir().unwrap();
+    let config = config_with_disk(root.path(), "count=0");
     let mut vm = Vm::boot(&config, io()).unwrap();
     vm.start().unwrap();
-    let dir = root.path().join("ckpt");
-    let err = snapshot::checkpoint(&mut vm, &dir, CheckpointKind::Full).unwrap_err();
-    assert!(matches!(err, SnapshotError::DevicesNotSupported), "{err}");
-    assert!(!dir.exists(), "nothing written");
-    assert!(!vm.is_paused(), "the VM keeps running");
+    let dir = root.path().join("c0");
+    snapshot::checkpoint(&vm, &dir, CheckpointKind::Full).unwrap();
+    drop(vm);
+    // What a driver would have programmed: MSI-X on, both vectors routed to CPU 0.
+    let mut c = snapshot::Checkpoint::load(&dir).unwrap();
+    let comp = c
+        .body
+        .components
+        .iter_mut()
+        .find(|c| c.name == "dev.pci.1")
+        .unwrap();
+    let mut state = vhpc_devices::persist::decode::<VirtioPciDevice>(&comp.data).unwrap();
+    state.msix.enabled = true;
+    state.msix.entries = vec![[0xfee0_0000, 0, 0x31, 0], [0xfee0_0000, 0, 0x32, 0]];
+    comp.data = vhpc_devices::persist::encode::<VirtioPciDevice>(&state).unwrap();
+    assert_eq!(<VirtioPciDevice as Persist>::VERSION, comp.version);
+    std::fs::write(
+        dir.join("state.bin"),
+        snapshot::format::encode(&c.body).unwrap(),
+    )
+    .unwrap();
+    let mut vm = snapshot::restore(&dir, io(), RestoreOptions::default()).unwrap();
+    vm.start().unwrap();
+    vm.pause().unwrap();
+    let again = root.path().join("c1");
+    snapshot::checkpoint(&vm, &again, CheckpointKind::Full).unwrap();
+    let saved = device_components(&again)
+        .into_iter()
+        .find(|c| c.name == "dev.pci.1")
+        .unwrap();
+    let restored = vhpc_devices::persist::decode::<VirtioPciDevice>(&saved.data).unwrap();
+    assert_eq!(restored.msix, state.msix, "KVM accepted both routes");
+}
+
+#[test]
+fn damaged_device_state_is_refused_with_clear_errors() {
+    let root = tempfile::tempdir().unwrap();
+    let config = config_with_disk(root.path(), "count=0");
+    let mut vm = Vm::boot(&config, io()).unwrap();
+    vm.start().unwrap();
+    let dir = root.path().join("c0");
+    snapshot::checkpoint(&vm, &dir, CheckpointKind::Full).unwrap();
+    drop(vm);
+    let good = snapshot::Checkpoint::load(&dir).unwrap().body;
+    let index = |name: &str| good.components.iter().position(|c| c.name == name).unwrap();
+    let mut bodies = Vec::new();
+    let mut b = good.clone();
+    b.components[index("dev.com2")].data.truncate(3);
+    bodies.push(("truncated serial state", b));
+    let mut b = good.clone();
+    b.components[index("dev.rtc")].data.push(0);
+    bodies.push(("trailing bytes in the RTC state", b));
+    let mut b = good.clone();
+    b.components[index("dev.pci.1")].version = 9;
+    bodies.push(("newer virtio-pci state", b));
+    let mut b = good.clone();
+    b.components.remove(index("dev.i8042"));
+    bodies.push(("missing i8042", b));
+    let mut b = good.clone();
+    let mut extra = b.components[index("dev.rtc")].clone();
+    extra.name = "dev.pci.7".into();
+    b.components.push(extra);
+    bodies.push(("a device this VM does not have", b));
+    let mut b = good.clone();
+    b.components[index("dev.pci.bus")].data = vec![1, 2];
+    bodies.push(("short PCI latch", b));
+    let mut b = good.clone();
+    let bridge = b.components[index("dev.pci.0")].data.clone();
+    b.components[index("dev.pci.1")].data = bridge;
+    bodies.push(("host bridge state in the disk's slot", b));
+    for (what, body) in bodies {
+        std::fs::write(
+            dir.join("state.bin"),
+            snapshot::format::encode(&body).unwrap(),
+        )
+        .unwrap();
+        match snapshot::restore(&dir, io(), RestoreOptions::default()) {
+            Err(e) => eprintln!("{what}: {e}"),
+            Ok(_) => panic!("{what}: restored"),
+        }
+    }
+}
+
+#[test]
+fn a_disk_changed_since_the_checkpoint_is_refused_unless_forced() {
+    let root = tempfile::tempdir().unwrap();
+    let config = config_with_disk(root.path(), "count=0");
+    let mut vm = Vm::boot(&config, io()).unwrap();
+    vm.start().unwrap();
+    let dir = root.path().join("c0");
+    snapshot::checkpoint(&vm, &dir, CheckpointKind::Full).unwrap();
+    drop(vm);
+    snapshot::restore(&dir, io(), RestoreOptions::default()).expect("unchanged disk");
+    std::thread::sleep(Duration::from_millis(20));
+    {
+        use std::os::unix::fs::FileExt;
+        let f = std::fs::OpenOptions::new()
+            .write(true)
+            .open(&config.disks[0].path)
+            .unwrap();
+        f.write_all_at(b"changed", 4096).unwrap();
+    }
+    let err = snapshot::restore(&dir, io(), RestoreOptions::default()).err();
+    let err = err.expect("a changed disk is refused");
+    assert!(matches!(err, SnapshotError::DiskChanged(_)), "{err}");
+    assert!(err.to_string().contains("--force"), "{err}");
+    let forced = RestoreOptions {
+        force: true,
+        ..RestoreOptions::default()
+    };
+    snapshot::restore(&dir, io(), forced).expect("forced");
+}
+
+#[test]
+fn pages_the_vmm_writes_are_in_the_next_incremental_checkpoint() {
+    // Virtio devices write guest memory from their threads (used rings, disk reads); KVM's
+    // dirty log does not see those writes, vm-memory's bitmap does.
+    let root = tempfile::tempdir().unwrap();
+    let config = config(1, 32, "halt");
+    let mut vm = Vm::boot(&config, io()).unwrap();
+    vm.start().unwrap();
+    let (c0, c1) = (root.path().join("c0"), root.path().join("c1"));
+    snapshot::checkpoint(&vm, &c0, CheckpointKind::Full).unwrap();
+    let addr = GuestAddress(0x30_0000);
+    vm.memory().write_obj(0x1234_5678_u64, addr).unwrap();
+    let info = snapshot::checkpoint(&vm, &c1, CheckpointKind::Incremental).unwrap();
+    assert!(info.memory_pages >= 1);
+    let body = snapshot::Checkpoint::load(&c1).unwrap().body;
+    let snapshot::format::MemoryContents::Delta { runs, .. } = &body.memory.contents else {
+        panic!("incremental");
+    };
+    assert!(
+        runs.iter()
+            .any(|(start, pages)| (*start..*start + 4096 * u64::from(*pages)).contains(&addr.0)),
+        "{runs:?}"
+    );
+    drop(vm);
+    let vm = snapshot::restore(&c1, io(), RestoreOptions::default()).unwrap();
+    assert_eq!(vm.memory().read_obj::<u64>(addr).unwrap(), 0x1234_5678);
 }

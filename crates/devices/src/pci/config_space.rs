@@ -119,6 +119,29 @@ impl ConfigSpace {
         copy_from(&self.regs, usize::from(offset), data);
     }
 
+    /// Every register byte (what a checkpoint keeps: BARs and command as the guest set them).
+    pub fn save(&self) -> Vec<u8> {
+        self.regs.to_vec()
+    }
+
+    /// Puts saved register bytes back. Only bits the guest could write may differ from this
+    /// function's own (so a saved state of another device type is refused).
+    pub fn restore(&mut self, saved: &[u8]) -> Result<(), String> {
+        let saved: [u8; CONFIG_SPACE_LEN] = saved
+            .try_into()
+            .map_err(|_| format!("{} config bytes, expected {CONFIG_SPACE_LEN}", saved.len()))?;
+        let foreign =
+            (0..CONFIG_SPACE_LEN).find(|&i| (saved[i] ^ self.regs[i]) & !self.writable[i] != 0);
+        if let Some(at) = foreign {
+            return Err(format!(
+                "read-only config byte {at:#x} is {:#04x}, this device has {:#04x}",
+                saved[at], self.regs[at]
+            ));
+        }
+        self.regs = saved;
+        Ok(())
+    }
+
     /// Applies a guest write through the write mask; bytes past the end are ignored.
     pub fn write(&mut self, offset: u16, data: &[u8]) {
         for (i, &byte) in data.iter().enumerate() {
@@ -178,6 +201,29 @@ mod tests {
         s.write(0x14, &0u32.to_le_bytes());
         s.write(0x04, &[0x06, 0]);
         assert_eq!(s.bar0(), Some(0xc000_8000));
+    }
+
+    #[test]
+    fn save_restore_keeps_guest_writes_and_refuses_other_devices() {
+        let mut s = space();
+        s.set_bar0_mem64(0xc000_0000, 0x8000);
+        s.write(0x10, &0xc001_0000u32.to_le_bytes());
+        s.write(0x04, &[0x06, 0]);
+        let saved = s.save();
+        let mut fresh = space();
+        fresh.set_bar0_mem64(0xc000_0000, 0x8000);
+        fresh.restore(&saved).expect("same device");
+        assert_eq!(fresh.bar0(), Some(0xc001_0000));
+        assert_eq!(fresh.save(), saved);
+        let mut other = saved.clone();
+        other[0] ^= 1; // vendor ID
+        assert!(
+            fresh
+                .restore(&other)
+                .expect_err("another device")
+                .contains("read-only")
+        );
+        assert!(fresh.restore(&saved[..10]).is_err());
     }
 
     #[test]

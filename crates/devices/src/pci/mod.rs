@@ -15,6 +15,7 @@ use std::sync::atomic::{AtomicBool, AtomicU32, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 
 use crate::PioDevice;
+use crate::persist::{DeviceState, Persist, PersistError};
 
 /// The configuration address port (mechanism #1); the data window follows at 0xCFC.
 pub const PCI_CONFIG_PORT: u16 = 0xcf8;
@@ -24,8 +25,14 @@ pub const PCI_CONFIG_PORT_LEN: u16 = 8;
 pub const MAX_SLOTS: usize = 32;
 
 /// A PCI function as the bus sees it. Offsets are bytes into the 256-byte config space; an
-/// access never crosses a dword.
-pub trait PciDevice: Send {
+/// access never crosses a dword. Every function saves and restores its state
+/// ([`DeviceState`]) for checkpoints.
+pub trait PciDevice: Send + DeviceState {
+    /// The vCPUs are paused: finish every request in flight and stop touching guest memory
+    /// (a device with a worker thread stops it), so the state can be saved.
+    fn pause(&mut self);
+    /// Start working again after [`PciDevice::pause`] or after a restore.
+    fn resume(&mut self);
     fn config_read(&mut self, offset: u16, data: &mut [u8]);
     fn config_write(&mut self, offset: u16, data: &[u8]);
     /// A guest read at guest-physical `addr`; false if none of the device's decoded BARs
@@ -143,6 +150,59 @@ impl PciBus {
         }
     }
 
+    /// The configuration address latch (port 0xCF8), for checkpoints.
+    pub fn address_latch(&self) -> u32 {
+        self.address.load(Ordering::Relaxed)
+    }
+
+    pub fn set_address_latch(&self, value: u32) {
+        self.address.store(value, Ordering::Relaxed);
+    }
+
+    /// How many functions are on the bus (the host bridge included).
+    pub fn len(&self) -> usize {
+        self.slots.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.slots.is_empty()
+    }
+
+    /// Pauses every device (see [`PciDevice::pause`]).
+    pub fn pause_devices(&self) {
+        self.slots.iter().for_each(|s| s.lock().pause());
+    }
+
+    /// Resumes every device.
+    pub fn resume_devices(&self) {
+        self.slots.iter().for_each(|s| s.lock().resume());
+    }
+
+    /// Each function's (version, encoded state), in slot order; the devices must be paused.
+    pub fn save_devices(&self) -> Result<Vec<(u32, Vec<u8>)>, PersistError> {
+        self.slots
+            .iter()
+            .map(|s| {
+                let d = s.lock();
+                Ok((d.state_version(), d.save_state()?))
+            })
+            .collect()
+    }
+
+    /// Restores the function in `slot` from its saved (version, state).
+    pub fn restore_device(
+        &self,
+        slot: usize,
+        version: u32,
+        bytes: &[u8],
+    ) -> Result<(), PersistError> {
+        let s = self.slots.get(slot).ok_or(PersistError::Mismatch {
+            device: "PCI bus",
+            detail: format!("no function in slot {slot}"),
+        })?;
+        s.lock().restore_state(version, bytes)
+    }
+
     /// A guest MMIO read; false if no device's BAR covers `addr`.
     pub fn mmio_read(&self, addr: u64, data: &mut [u8]) -> bool {
         self.slots.iter().any(|s| s.lock().mmio_read(addr, data))
@@ -197,7 +257,30 @@ impl HostBridge {
     }
 }
 
+/// The host bridge's config space: version 1.
+impl Persist for HostBridge {
+    type State = Vec<u8>;
+    const VERSION: u32 = 1;
+    const NAME: &'static str = "PCI host bridge";
+
+    fn save(&self) -> Result<Vec<u8>, PersistError> {
+        Ok(self.0.save())
+    }
+
+    fn restore(&mut self, state: Vec<u8>) -> Result<(), PersistError> {
+        self.0
+            .restore(&state)
+            .map_err(|detail| PersistError::Mismatch {
+                device: Self::NAME,
+                detail,
+            })
+    }
+}
+
 impl PciDevice for HostBridge {
+    fn pause(&mut self) {}
+    fn resume(&mut self) {}
+
     fn config_read(&mut self, offset: u16, data: &mut [u8]) {
         self.0.read(offset, data);
     }

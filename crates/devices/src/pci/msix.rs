@@ -9,6 +9,7 @@
 
 use std::sync::{Arc, Mutex, MutexGuard};
 
+use serde::{Deserialize, Serialize};
 use vmm_sys_util::eventfd::EventFd;
 
 /// The PCI capability ID of MSI-X.
@@ -31,6 +32,16 @@ pub struct MsiMessage {
 pub trait MsiRouter: Send + Sync {
     /// From now on, signalling `gsi` delivers `message`.
     fn route(&self, gsi: u32, message: MsiMessage) -> std::io::Result<()>;
+}
+
+/// The MSI-X state of one device, as saved in its checkpoint component.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct MsixStateV1 {
+    /// [address low, address high, data, vector control] per vector.
+    pub entries: Vec<[u32; 4]>,
+    pub pending: Vec<bool>,
+    pub enabled: bool,
+    pub function_masked: bool,
 }
 
 struct State {
@@ -197,6 +208,48 @@ impl MsixVectors {
         }
     }
 
+    /// The table, pending bits and enable/mask state.
+    pub fn save(&self) -> MsixStateV1 {
+        let s = self.lock();
+        MsixStateV1 {
+            entries: s.entries.clone(),
+            pending: s.pending.clone(),
+            enabled: s.enabled,
+            function_masked: s.function_masked,
+        }
+    }
+
+    /// Puts a saved table back and routes every programmed vector's GSI to its message
+    /// again (the new VM's KVM routing table starts empty); a vector that was pending and
+    /// is deliverable now fires.
+    pub fn restore(&self, saved: MsixStateV1) -> Result<(), String> {
+        let mut s = self.lock();
+        let n = s.entries.len();
+        if saved.entries.len() != n || saved.pending.len() != n {
+            return Err(format!(
+                "{} MSI-X vectors and {} pending bits saved, the device has {n}",
+                saved.entries.len(),
+                saved.pending.len()
+            ));
+        }
+        s.entries = saved.entries;
+        s.pending = saved.pending;
+        s.enabled = saved.enabled;
+        s.function_masked = saved.function_masked;
+        s.routed.fill(None);
+        for entry in 0..n {
+            let e = s.entries[entry];
+            if e[0] != 0 || e[1] != 0 || e[2] != 0 {
+                self.update_route(&mut s, entry);
+            }
+        }
+        if s.route_error_logged {
+            return Err("KVM refused an MSI route".into());
+        }
+        self.fire_pending(&mut s);
+        Ok(())
+    }
+
     /// Back to power-on state (device reset): MSI-X off, every vector masked, nothing pending.
     /// Routes stay: they are rewritten when the guest programs the table again.
     pub fn reset(&self) {
@@ -277,6 +330,42 @@ mod tests {
         assert!(!fired(&v, 1), "function mask");
         v.set_control(CONTROL_ENABLE);
         assert!(fired(&v, 1));
+    }
+
+    #[test]
+    fn restore_reroutes_programmed_vectors_and_keeps_pending_bits() {
+        let (v, _) = vectors(3);
+        v.table_write(16, &0xfee0_1000u32.to_le_bytes());
+        v.table_write(24, &0x4042u32.to_le_bytes());
+        v.table_write(32 + 12, &0u32.to_le_bytes()); // vector 2 unmasked, never programmed
+        v.set_control(CONTROL_ENABLE);
+        v.trigger(1); // masked: pending
+        let saved = v.save();
+        assert_eq!(saved.pending, vec![false, true, false]);
+
+        let (fresh, routes) = vectors(3);
+        fresh
+            .restore(saved.clone())
+            .unwrap_or_else(|e| panic!("{e}"));
+        assert_eq!(fresh.save(), saved);
+        let routes = routes.0.lock().expect("lock").clone();
+        assert_eq!(
+            routes,
+            vec![(
+                25,
+                MsiMessage {
+                    address: 0xfee0_1000,
+                    data: 0x4042
+                }
+            )],
+            "only the programmed vector is routed again"
+        );
+        assert!(!fired(&fresh, 1), "still masked: still pending");
+        fresh.table_write(16 + 12, &0u32.to_le_bytes());
+        assert!(fired(&fresh, 1), "fires on unmask after restore");
+
+        let (small, _) = vectors(2);
+        assert!(small.restore(saved).is_err(), "vector count differs");
     }
 
     #[test]

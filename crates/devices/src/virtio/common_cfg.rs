@@ -10,6 +10,8 @@
 //! 0x12 num_queues u16 (RO)
 //! ```
 
+use serde::{Deserialize, Serialize};
+
 use super::{NO_VECTOR, VIRTIO_F_VERSION_1, status};
 
 /// Length of the structure.
@@ -36,6 +38,32 @@ impl QueueConfig {
             ..Default::default()
         }
     }
+}
+
+/// The common configuration as saved in a checkpoint (part of `virtio-pci` version 1).
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct CommonConfigStateV1 {
+    /// Offered features: checked on restore (the same device must be there).
+    pub device_features: u64,
+    pub device_feature_select: u32,
+    pub driver_feature_select: u32,
+    pub driver_features: u64,
+    pub config_msix_vector: u16,
+    pub status: u8,
+    pub queue_select: u16,
+    pub queues: Vec<QueueConfigStateV1>,
+}
+
+/// One queue's setup as the driver wrote it.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct QueueConfigStateV1 {
+    pub max_size: u16,
+    pub size: u16,
+    pub enabled: bool,
+    pub msix_vector: u16,
+    pub desc: u64,
+    pub avail: u64,
+    pub used: u64,
 }
 
 /// What a write means for the device.
@@ -87,6 +115,73 @@ impl CommonConfig {
             self.msix_count,
         );
         *self = fresh;
+    }
+
+    pub fn save(&self) -> CommonConfigStateV1 {
+        CommonConfigStateV1 {
+            device_features: self.device_features,
+            device_feature_select: self.device_feature_select,
+            driver_feature_select: self.driver_feature_select,
+            driver_features: self.driver_features,
+            config_msix_vector: self.config_msix_vector,
+            status: self.status,
+            queue_select: self.queue_select,
+            queues: self
+                .queues
+                .iter()
+                .map(|q| QueueConfigStateV1 {
+                    max_size: q.max_size,
+                    size: q.size,
+                    enabled: q.enabled,
+                    msix_vector: q.msix_vector,
+                    desc: q.desc,
+                    avail: q.avail,
+                    used: q.used,
+                })
+                .collect(),
+        }
+    }
+
+    /// Puts a saved configuration back into a fresh one of the same device: same offered
+    /// features, same queues and maximum sizes; vectors within the device's MSI-X table.
+    pub fn restore(&mut self, s: CommonConfigStateV1) -> Result<(), String> {
+        if s.device_features != self.device_features {
+            return Err(format!(
+                "features {:#x} saved, the device offers {:#x}",
+                s.device_features, self.device_features
+            ));
+        }
+        let max: Vec<u16> = self.queues.iter().map(|q| q.max_size).collect();
+        let saved_max: Vec<u16> = s.queues.iter().map(|q| q.max_size).collect();
+        if max != saved_max {
+            return Err(format!(
+                "queue sizes {saved_max:?} saved, the device has {max:?}"
+            ));
+        }
+        let vector_ok = |v: u16| v == NO_VECTOR || v < self.msix_count;
+        if !vector_ok(s.config_msix_vector) || !s.queues.iter().all(|q| vector_ok(q.msix_vector)) {
+            return Err("an MSI-X vector beyond the device's table".into());
+        }
+        self.device_feature_select = s.device_feature_select;
+        self.driver_feature_select = s.driver_feature_select;
+        self.driver_features = s.driver_features;
+        self.config_msix_vector = s.config_msix_vector;
+        self.status = s.status;
+        self.queue_select = s.queue_select;
+        self.queues = s
+            .queues
+            .into_iter()
+            .map(|q| QueueConfig {
+                max_size: q.max_size,
+                size: q.size,
+                enabled: q.enabled,
+                msix_vector: q.msix_vector,
+                desc: q.desc,
+                avail: q.avail,
+                used: q.used,
+            })
+            .collect();
+        Ok(())
     }
 
     fn queue(&self) -> Option<&QueueConfig> {

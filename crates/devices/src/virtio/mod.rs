@@ -4,6 +4,7 @@
 //!   configuration capabilities in BAR0, MSI-X table and PBA in the same BAR);
 //! - [`common_cfg`] the common configuration registers: feature negotiation, queue setup,
 //!   device status;
+//! - [`transport_state`] what a checkpoint keeps of a virtio-pci device;
 //! - [`worker`] the thread that does a device's work, woken only by queue eventfds;
 //! - [`block`] virtio-blk on raw image files.
 //!
@@ -15,13 +16,19 @@
 pub mod block;
 pub mod common_cfg;
 pub mod pci_transport;
+pub mod transport_state;
 pub mod worker;
 
 use virtio_queue::Queue;
-use vm_memory::GuestMemoryMmap;
 
-/// Guest memory as devices see it.
-pub type GuestMemory = GuestMemoryMmap<()>;
+use crate::persist::DeviceState;
+use vm_memory::GuestMemoryMmap;
+use vm_memory::bitmap::AtomicBitmap;
+
+/// Guest memory as devices see it. The bitmap records every page the VMM's own threads write
+/// through it (used rings, data read from disks): KVM's dirty log sees only the guest's
+/// writes, and an incremental checkpoint needs both.
+pub type GuestMemory = GuestMemoryMmap<AtomicBitmap>;
 
 /// Feature bit: the device conforms to virtio 1.x (required by the modern transport).
 pub const VIRTIO_F_VERSION_1: u64 = 1 << 32;
@@ -48,8 +55,10 @@ pub enum QueueError {
     Ring(virtio_queue::Error),
 }
 
-/// One virtio device type, independent of the transport.
-pub trait VirtioBackend: Send {
+/// One virtio device type, independent of the transport. Its own state (what the guest
+/// changed in it, and what identifies it) goes into checkpoints through [`DeviceState`]; the
+/// transport saves feature negotiation, queues and MSI-X for it.
+pub trait VirtioBackend: Send + DeviceState {
     /// The virtio device ID (2 = block).
     fn device_type(&self) -> u16;
     /// The PCI class code (24 bits) the function reports.

@@ -28,6 +28,7 @@ use super::{GuestMemory, VIRTIO_F_VERSION_1, VirtioBackend, status};
 use crate::pci::PciDevice;
 use crate::pci::config_space::{ConfigSpace, Header};
 use crate::pci::msix::{self, MsixVectors};
+use crate::persist::PersistError;
 
 pub const BAR_SIZE: u64 = 0x8000;
 const COMMON_CFG: u64 = 0x0000;
@@ -67,16 +68,18 @@ pub enum TransportError {
 }
 
 pub struct VirtioPciDevice {
-    name: String,
-    config: ConfigSpace,
+    pub(super) name: String,
+    pub(super) config: ConfigSpace,
     msix_cap: usize,
-    common: CommonConfig,
-    backend: Box<dyn VirtioBackend>,
-    msix: Arc<MsixVectors>,
+    pub(super) common: CommonConfig,
+    pub(super) backend: Box<dyn VirtioBackend>,
+    pub(super) msix: Arc<MsixVectors>,
     queue_events: Vec<EventFd>,
-    needs_reset: Arc<AtomicBool>,
-    mem: GuestMemory,
-    worker: Option<Worker>,
+    pub(super) needs_reset: Arc<AtomicBool>,
+    pub(super) mem: GuestMemory,
+    pub(super) worker: Option<Worker>,
+    /// The worker's parts while the device is paused (see [`PciDevice::pause`]).
+    pub(super) parked: Option<WorkerParts>,
     activation_failed_logged: bool,
 }
 
@@ -135,6 +138,7 @@ impl VirtioPciDevice {
             needs_reset: Arc::new(AtomicBool::new(false)),
             mem,
             worker: None,
+            parked: None,
             activation_failed_logged: false,
         })
     }
@@ -165,6 +169,12 @@ impl VirtioPciDevice {
     }
 
     fn try_activate(&mut self) -> Result<(), String> {
+        let queues = self.configured_queues()?;
+        self.start_worker(queues)
+    }
+
+    /// The queues as the driver configured them, at their start positions.
+    fn configured_queues(&self) -> Result<Vec<Queue>, String> {
         let mut queues = Vec::new();
         for (i, q) in self.common.queues.iter().enumerate() {
             let mut queue = Queue::new(q.max_size).map_err(|e| e.to_string())?;
@@ -182,6 +192,11 @@ impl VirtioPciDevice {
             }
             queues.push(queue);
         }
+        Ok(queues)
+    }
+
+    /// Starts the worker thread on `queues` (fresh, or restored with their positions).
+    pub(super) fn start_worker(&mut self, queues: Vec<Queue>) -> Result<(), String> {
         let events = self
             .queue_events
             .iter()
@@ -211,6 +226,7 @@ impl VirtioPciDevice {
 
     fn reset(&mut self) {
         self.worker = None; // Stops and joins the thread.
+        self.parked = None;
         self.needs_reset.store(false, Ordering::Relaxed);
         self.msix.reset();
         for e in &self.queue_events {
@@ -227,6 +243,14 @@ impl VirtioPciDevice {
     }
 }
 
+/// A device error for checkpoints, with this transport's name.
+pub(super) fn state_err(detail: String) -> PersistError {
+    PersistError::Restore {
+        device: "virtio-pci device",
+        detail,
+    }
+}
+
 /// A virtio_pci_cap body after ID and next pointer: cap_len, cfg_type, bar, id, padding,
 /// offset, length.
 fn virtio_cap(cfg_type: u8, offset: u64, len: u64, cap_len: u8) -> [u8; 14] {
@@ -238,7 +262,47 @@ fn virtio_cap(cfg_type: u8, offset: u64, len: u64, cap_len: u8) -> [u8; 14] {
     b
 }
 
+impl crate::persist::Persist for VirtioPciDevice {
+    type State = super::transport_state::VirtioPciStateV1;
+    const VERSION: u32 = 1;
+    const NAME: &'static str = "virtio-pci device";
+
+    fn save(&self) -> Result<Self::State, PersistError> {
+        self.save_transport()
+    }
+
+    fn restore(&mut self, state: Self::State) -> Result<(), PersistError> {
+        self.restore_transport(state)
+    }
+}
+
 impl PciDevice for VirtioPciDevice {
+    fn pause(&mut self) {
+        if let Some(worker) = self.worker.take() {
+            self.parked = worker.stop();
+            if self.parked.is_none() {
+                log::warn!(
+                    "{}: its worker thread had died; the device needs a reset",
+                    self.name
+                );
+                self.needs_reset.store(true, Ordering::Relaxed);
+            }
+        }
+    }
+
+    fn resume(&mut self) {
+        let Some(parts) = self.parked.take() else {
+            return;
+        };
+        match Worker::spawn(parts) {
+            Ok(worker) => self.worker = Some(worker),
+            Err(e) => {
+                log::warn!("{}: cannot restart its worker thread: {e}", self.name);
+                self.needs_reset.store(true, Ordering::Relaxed);
+            }
+        }
+    }
+
     fn config_read(&mut self, offset: u16, data: &mut [u8]) {
         self.config.read(offset, data);
     }

@@ -36,9 +36,15 @@ pub struct WorkerParts {
 }
 
 /// A running worker thread; dropping it stops and joins the thread.
+///
+/// Stopping is how a device quiesces for a checkpoint: a request being served when the stop
+/// arrives is finished (its I/O done, its used entry written, its interrupt raised) before
+/// the thread returns, because requests are served synchronously between two waits. So when
+/// [`Worker::stop`] returns no request is in flight; requests the driver made available but
+/// the thread had not taken yet stay in the avail ring (guest memory) past `next_avail`.
 pub struct Worker {
     stop: EventFd,
-    thread: Option<JoinHandle<()>>,
+    thread: Option<JoinHandle<WorkerParts>>,
 }
 
 impl Worker {
@@ -62,7 +68,7 @@ impl Worker {
             .name(parts.name.clone())
             .spawn(move || {
                 let _stop = stop_rx; // Keep the fd registered with epoll alive.
-                run(parts, &epoll);
+                run(parts, &epoll)
             })?;
         Ok(Worker {
             stop,
@@ -71,19 +77,31 @@ impl Worker {
     }
 }
 
-impl Drop for Worker {
-    fn drop(&mut self) {
+impl Worker {
+    /// Stops the thread once it has finished the request it is serving, and hands back its
+    /// parts (queues with their positions, handler) to save or to spawn again. `None` if the
+    /// thread could not be stopped or had panicked.
+    pub fn stop(mut self) -> Option<WorkerParts> {
+        self.stop_and_join()
+    }
+
+    fn stop_and_join(&mut self) -> Option<WorkerParts> {
+        let thread = self.thread.take()?;
         if let Err(e) = self.stop.write(1) {
             log::warn!("cannot stop a virtio worker thread: {e}");
-            return;
+            return None;
         }
-        if let Some(t) = self.thread.take() {
-            let _ = t.join();
-        }
+        thread.join().ok()
     }
 }
 
-fn run(mut p: WorkerParts, epoll: &Epoll) {
+impl Drop for Worker {
+    fn drop(&mut self) {
+        self.stop_and_join();
+    }
+}
+
+fn run(mut p: WorkerParts, epoll: &Epoll) -> WorkerParts {
     let mut ready = vec![EpollEvent::default(); p.events.len() + 1];
     loop {
         let n = match epoll.wait(-1, &mut ready) {
@@ -91,15 +109,18 @@ fn run(mut p: WorkerParts, epoll: &Epoll) {
             Err(e) if e.kind() == std::io::ErrorKind::Interrupted => continue,
             Err(e) => {
                 log::warn!("{}: epoll_wait failed ({e}); the device stops", p.name);
-                return;
+                return p;
             }
         };
+        // Serve the queues first: a notification that arrived with the stop is not left for
+        // the restored VM to find out about.
         for event in &ready[..n] {
-            let index = event.data();
-            if index == u64::MAX {
-                return;
+            if event.data() != u64::MAX {
+                service(&mut p, event.data() as usize);
             }
-            service(&mut p, index as usize);
+        }
+        if ready[..n].iter().any(|e| e.data() == u64::MAX) {
+            return p;
         }
     }
 }

@@ -129,12 +129,6 @@ impl AgentClient {
         *self.input.lock().unwrap_or_else(|p| p.into_inner()) = Some(input);
     }
 
-    /// Takes the agent as announced with `version` (its session continues in a VM that was
-    /// migrated or restored here after it announced itself).
-    pub fn assume_ready(&self, version: String) {
-        self.shared.lock().agent_version = Some(version);
-    }
-
     /// The agent's version once it has announced itself.
     pub fn agent_version(&self) -> Option<String> {
         self.shared.lock().agent_version.clone()
@@ -150,11 +144,51 @@ impl AgentClient {
         on_response: &mut dyn FnMut(Response) -> bool,
     ) -> Result<(), AgentError> {
         let _busy = self.acquire(wait)?;
+        self.request_held(request, wait, on_response, true)
+    }
+
+    /// Waits (at most `wait`) until no request is in progress and keeps it so while the
+    /// guard lives: the agent is idle, and nothing is half sent in either direction.
+    pub fn hold_idle(&self, wait: Duration) -> Result<MutexGuard<'_, ()>, AgentError> {
+        self.acquire(Some(wait))
+    }
+
+    /// Pings an agent that announced itself before this process existed (a VM restored
+    /// from a checkpoint): when it answers, the session counts as established with
+    /// `agent_version`, as a Ready frame would have made it.
+    pub fn ping_resumed(&self, agent_version: String, wait: Duration) -> Result<(), AgentError> {
+        let _busy = self.acquire(Some(wait))?;
+        let mut answered = false;
+        self.request_held(
+            &Request::Ping,
+            Some(wait),
+            &mut |r| {
+                answered = matches!(r, Response::Health(_));
+                false
+            },
+            false,
+        )?;
+        if !answered {
+            return Err(AgentError::Broken(
+                "the agent did not answer the ping with its health".into(),
+            ));
+        }
+        self.shared.lock().agent_version = Some(agent_version);
+        Ok(())
+    }
+
+    fn request_held(
+        &self,
+        request: &Request,
+        wait: Option<Duration>,
+        on_response: &mut dyn FnMut(Response) -> bool,
+        require_ready: bool,
+    ) -> Result<(), AgentError> {
         let id = self.next_id.fetch_add(1, Ordering::Relaxed).max(1);
         let mut bytes = Vec::new();
         session::encode_request(id, request, &mut bytes)
             .map_err(|e| AgentError::Invalid(e.to_string()))?;
-        let rx = self.register(id)?;
+        let rx = self.register(id, require_ready)?;
         let result = self.send_and_collect(&bytes, &rx, wait, on_response);
         self.shared.lock().waiter = None;
         result
@@ -179,12 +213,12 @@ impl AgentClient {
         }
     }
 
-    fn register(&self, id: u32) -> Result<Receiver<Response>, AgentError> {
+    fn register(&self, id: u32, require_ready: bool) -> Result<Receiver<Response>, AgentError> {
         let mut state = self.shared.lock();
         if let Some(e) = &state.broken {
             return Err(AgentError::Broken(e.clone()));
         }
-        if state.agent_version.is_none() {
+        if require_ready && state.agent_version.is_none() {
             return Err(AgentError::NotReady);
         }
         let (tx, rx) = channel();

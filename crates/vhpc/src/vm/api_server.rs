@@ -10,7 +10,8 @@ use std::time::Duration;
 
 use serde::Serialize;
 use vhpc_api::rest::{
-    ErrorBody, ExecEvent, ExecRequest, Health, MigrateEvent, MigrateRequest, VmInfo,
+    ErrorBody, ExecEvent, ExecRequest, Health, MigrateEvent, MigrateRequest, SnapshotRequest,
+    SnapshotResponse, VmInfo,
 };
 
 use super::http::{self, Request};
@@ -22,6 +23,7 @@ pub const ROUTES: &[(&str, &[&str])] = &[
     ("/vm/pause", &["PUT"]),
     ("/vm/resume", &["PUT"]),
     ("/vm/shutdown", &["PUT"]),
+    ("/vm/snapshot", &["PUT"]),
     ("/vm/migrate", &["PUT"]),
     ("/exec", &["POST"]),
     ("/health", &["GET"]),
@@ -56,18 +58,22 @@ pub trait Backend: Send + Sync {
     /// Starts an orderly power-off; the process exits once the guest is off.
     fn shutdown(&self) -> Result<(), ApiError>;
     fn health(&self) -> Result<Health, ApiError>;
+    /// Migrates the VM to another VMM process, handing progress and finally the outcome to
+    /// `event`; on success the process ends once the response is out.
+    fn migrate(
+        &self,
+        request: MigrateRequest,
+        event: &mut dyn FnMut(MigrateEvent) -> io::Result<()>,
+    ) -> Result<(), ApiError>;
+    /// Checkpoints the VM (pause, save, resume; or stay paused with `stop`).
+    fn snapshot(&self, request: SnapshotRequest) -> Result<SnapshotResponse, ApiError>;
+    /// After a `stop` snapshot's response is sent: end the VMM (the guest never runs again).
+    fn end_after_snapshot(&self);
     /// Runs a command, handing each output piece and finally the status to `event`.
     fn exec(
         &self,
         request: ExecRequest,
         event: &mut dyn FnMut(ExecEvent) -> io::Result<()>,
-    ) -> Result<(), ApiError>;
-    /// Migrates the VM to another VMM process, handing progress and finally the outcome to
-    /// `event`; on success the process exits once the response is out.
-    fn migrate(
-        &self,
-        request: MigrateRequest,
-        event: &mut dyn FnMut(MigrateEvent) -> io::Result<()>,
     ) -> Result<(), ApiError>;
 }
 
@@ -160,11 +166,38 @@ pub fn respond(req: &Request, backend: &dyn Backend, w: &mut impl Write) -> io::
         "/vm/resume" => backend.resume().map(|()| no_content(w, 204)),
         "/vm/shutdown" => backend.shutdown().map(|()| no_content(w, 202)),
         "/exec" => return exec(req, backend, w),
+        "/vm/snapshot" => return snapshot(req, backend, w),
         "/vm/migrate" => return migrate(req, backend, w),
         _ => Err(ApiError::new(500, "route table and handlers disagree")),
     };
     match result {
         Ok(written) => written,
+        Err(e) => send_error(w, &e),
+    }
+}
+
+/// `PUT /vm/snapshot`: checks the body, checkpoints, answers; a `stop` checkpoint ends the
+/// VMM once the answer is out.
+fn snapshot(req: &Request, backend: &dyn Backend, w: &mut impl Write) -> io::Result<()> {
+    let request: SnapshotRequest = match serde_json::from_slice(&req.body) {
+        Ok(r) => r,
+        Err(e) => {
+            let msg = format!(
+                "invalid snapshot request body: {e}; expected {{\"dir\": \"/absolute/path\", \"incremental\": false, \"stop\": false}}"
+            );
+            return send_error(w, &ApiError::new(400, msg));
+        }
+    };
+    let stop = request.stop;
+    match backend.snapshot(request) {
+        Ok(info) => {
+            let sent = send_json(w, 200, &info);
+            if stop {
+                let _ = w.flush();
+                backend.end_after_snapshot();
+            }
+            sent
+        }
         Err(e) => send_error(w, &e),
     }
 }

@@ -77,31 +77,6 @@ impl Backend for Fake {
             mem_available_kib: 500,
         })
     }
-    fn exec(
-        &self,
-        request: ExecRequest,
-        event: &mut dyn FnMut(ExecEvent) -> io::Result<()>,
-    ) -> Result<(), ApiError> {
-        self.running()?;
-        let out = request.argv.join(" ");
-        for e in [
-            ExecEvent {
-                stdout: Some(out),
-                ..Default::default()
-            },
-            ExecEvent {
-                stderr: Some("ZQ==".into()),
-                ..Default::default()
-            },
-            ExecEvent {
-                exit_status: Some(3),
-                ..Default::default()
-            },
-        ] {
-            event(e).map_err(|e| ApiError::new(500, e.to_string()))?;
-        }
-        Ok(())
-    }
     fn migrate(
         &self,
         request: MigrateRequest,
@@ -135,6 +110,52 @@ impl Backend for Fake {
             },
             MigrateEvent {
                 done: Some(done),
+                ..Default::default()
+            },
+        ] {
+            event(e).map_err(|e| ApiError::new(500, e.to_string()))?;
+        }
+        Ok(())
+    }
+    fn snapshot(&self, request: SnapshotRequest) -> Result<SnapshotResponse, ApiError> {
+        if !request.dir.starts_with('/') {
+            return Err(ApiError::new(400, "dir must be an absolute path"));
+        }
+        if request.incremental {
+            return Err(ApiError::new(409, "no previous checkpoint"));
+        }
+        self.running()?;
+        Ok(SnapshotResponse {
+            id: "00ff".into(),
+            dir: request.dir,
+            parent: None,
+            memory_pages: 10,
+            state_bytes: 100,
+            paused_ms: 1.5,
+            stopped: request.stop,
+        })
+    }
+    fn end_after_snapshot(&self) {
+        *self.state.lock().unwrap() = VmRunState::Stopping;
+    }
+    fn exec(
+        &self,
+        request: ExecRequest,
+        event: &mut dyn FnMut(ExecEvent) -> io::Result<()>,
+    ) -> Result<(), ApiError> {
+        self.running()?;
+        let out = request.argv.join(" ");
+        for e in [
+            ExecEvent {
+                stdout: Some(out),
+                ..Default::default()
+            },
+            ExecEvent {
+                stderr: Some("ZQ==".into()),
+                ..Default::default()
+            },
+            ExecEvent {
+                exit_status: Some(3),
                 ..Default::default()
             },
         ] {
@@ -216,6 +237,19 @@ fn bad_requests_get_400_404_405_and_the_server_goes_on() {
     assert_eq!(status, 400);
     assert!(error_text(&body).contains("request line"));
     assert_eq!(call(&fake, "GET", "/vm", "").0, 200, "still serving");
+}
+
+#[test]
+fn snapshot_answers_what_was_written_and_a_stop_ends_the_vmm_after_the_answer() {
+    let fake = Fake::new(VmRunState::Running);
+    let (status, body) = call(&fake, "PUT", "/vm/snapshot", r#"{"dir":"/c","stop":true}"#);
+    assert_eq!(status, 200);
+    let info: SnapshotResponse = serde_json::from_slice(&body).unwrap();
+    assert!(info.stopped);
+    assert_eq!(*fake.state.lock().unwrap(), VmRunState::Stopping);
+    let (status, body) = call(&fake, "PUT", "/vm/snapshot", r#"{"dir":"/c","bogus":1}"#);
+    assert_eq!(status, 400);
+    assert!(error_text(&body).contains("unknown field"));
 }
 
 #[test]
@@ -400,13 +434,28 @@ fn server_and_spec_agree() {
         ("PUT", "/vm/shutdown", "", VmRunState::Running),
         ("PUT", "/vm/migrate", migrate_body, VmRunState::Running),
         ("PUT", "/vm/migrate", migrate_body, VmRunState::Stopping),
+        ("PUT", "/vm/migrate", r#"{"to":"unreachable:1"}"#, VmRunState::Running),
+        ("PUT", "/vm/migrate", r#"{"to":5}"#, VmRunState::Running),
         (
             "PUT",
-            "/vm/migrate",
-            r#"{"to":"unreachable:1"}"#,
+            "/vm/snapshot",
+            r#"{"dir":"/c"}"#,
             VmRunState::Running,
         ),
-        ("PUT", "/vm/migrate", r#"{"to":5}"#, VmRunState::Running),
+        (
+            "PUT",
+            "/vm/snapshot",
+            r#"{"dir":"/c"}"#,
+            VmRunState::Stopping,
+        ),
+        ("PUT", "/vm/snapshot", r#"{"dir":"c"}"#, VmRunState::Running),
+        (
+            "PUT",
+            "/vm/snapshot",
+            r#"{"dir":"/c","incremental":true}"#,
+            VmRunState::Running,
+        ),
+        ("PUT", "/vm/snapshot", r#"{"dir":1}"#, VmRunState::Running),
     ];
     for (method, path, body, state) in calls {
         *fake.state.lock().unwrap() = *state;
@@ -427,8 +476,8 @@ fn server_and_spec_agree() {
     }
     let request: Value = serde_json::from_str(exec_body).unwrap();
     spec.check("ExecRequest", &request);
-    spec.check(
-        "MigrateRequest",
-        &serde_json::from_str(migrate_body).unwrap(),
-    );
+    let request: Value =
+        serde_json::from_str(r#"{"dir":"/c","incremental":true,"stop":true}"#).unwrap();
+    spec.check("SnapshotRequest", &request);
+    spec.check("MigrateRequest", &serde_json::from_str(migrate_body).unwrap());
 }

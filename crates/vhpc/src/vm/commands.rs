@@ -19,9 +19,9 @@ use vhpc_api::{MemoryConfig, VmConfig};
 use vhpc_guest::protocol::SERVE_FLAG;
 
 use super::http;
-use super::migrate_vm::incoming_file;
 use super::state_dir::{Runtime, VmDir};
 use super::vmm_process::MAX_STDIN;
+use super::migrate_vm::incoming_file;
 use super::{ApiArgs, ExecArgs, MigrateArgs, ReceiveArgs, StartArgs};
 
 /// Timeout for API calls that do not run guest commands.
@@ -73,7 +73,7 @@ pub fn start(args: StartArgs) -> anyhow::Result<i32> {
     Ok(0)
 }
 
-fn spawn_vmm(dir: &VmDir, lock: &File, extra: &[String]) -> anyhow::Result<Child> {
+fn spawn_vmm(dir: &VmDir, lock: &File, extra: &[std::ffi::OsString]) -> anyhow::Result<Child> {
     let exe = std::env::current_exe().context("cannot find the vhpc binary to start the VMM")?;
     let log = File::create(dir.vmm_log())
         .with_context(|| format!("cannot create {}", dir.vmm_log().display()))?;
@@ -112,11 +112,11 @@ fn spawn_vmm(dir: &VmDir, lock: &File, extra: &[String]) -> anyhow::Result<Child
 pub fn receive(args: ReceiveArgs) -> anyhow::Result<i32> {
     let runtime = Runtime::from_env();
     let (dir, lock) = runtime.create(&args.name)?;
-    let mut extra = vec![
-        "--incoming".to_string(),
-        args.listen.clone(),
-        "--incoming-timeout".to_string(),
-        args.timeout.to_string(),
+    let mut extra: Vec<std::ffi::OsString> = vec![
+        "--incoming".into(),
+        args.listen.clone().into(),
+        "--incoming-timeout".into(),
+        args.timeout.to_string().into(),
     ];
     if args.force {
         extra.push("--force".into());
@@ -210,6 +210,115 @@ pub fn migrate(args: MigrateArgs) -> anyhow::Result<i32> {
             bail!("VM {}: migration failed: {error}", args.name);
         }
     }
+}
+
+/// `vhpc restore DIR --name NAME`: a long-running VM from a checkpoint, in its own VMM
+/// process and state directory, as `vhpc vm start` makes one; returns once the restored guest
+/// agent answers.
+pub fn restore_named(
+    checkpoint: &Path,
+    name: &str,
+    force: bool,
+    prefault: bool,
+    timeout: Duration,
+) -> anyhow::Result<i32> {
+    let checkpoint = std::path::absolute(checkpoint)
+        .with_context(|| format!("cannot resolve {}", checkpoint.display()))?;
+    let saved = vhpc_vmm::snapshot::Checkpoint::load(&checkpoint)
+        .with_context(|| format!("cannot restore {}", checkpoint.display()))?;
+    let runtime = Runtime::from_env();
+    let (dir, lock) = runtime.create(name)?;
+    let spec = VmSpec {
+        name: name.to_owned(),
+        config: saved.body.config.clone(),
+    };
+    std::fs::write(dir.config_json(), serde_json::to_vec_pretty(&spec)?)
+        .with_context(|| format!("cannot write {}", dir.config_json().display()))?;
+    let mut extra: Vec<std::ffi::OsString> = vec!["--restore".into(), checkpoint.clone().into()];
+    if force {
+        extra.push("--force".into());
+    }
+    if prefault {
+        extra.push("--prefault".into());
+    }
+    let mut child = spawn_vmm(&dir, &lock, &extra)?;
+    let mut pid_file = &lock;
+    pid_file.set_len(0)?;
+    writeln!(pid_file, "{}", child.id())?;
+    drop(lock);
+    wait_until_ready(&dir, &mut child, timeout)?;
+    eprintln!(
+        "vhpc: VM {name} restored from {} and running (its memory is mapped from {}: keep that file while the VM runs)",
+        checkpoint.display(),
+        checkpoint.join("memory.raw").display()
+    );
+    Ok(0)
+}
+
+/// `vhpc snapshot NAME DIR [--incremental] [--stop]`: a checkpoint of a long-running VM
+/// through its API, with the elapsed time shown while it is written.
+pub fn snapshot(name: &str, dir: &Path, incremental: bool, stop: bool) -> anyhow::Result<i32> {
+    let vm = Runtime::from_env().existing(name)?;
+    let dir =
+        std::path::absolute(dir).with_context(|| format!("cannot resolve {}", dir.display()))?;
+    let body = serde_json::to_vec(&vhpc_api::rest::SnapshotRequest {
+        dir: dir.display().to_string(),
+        incremental,
+        stop,
+    })?;
+    let done = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let progress = {
+        let (done, name, dir) = (done.clone(), name.to_owned(), dir.clone());
+        std::thread::spawn(move || {
+            let start = Instant::now();
+            while !done.load(std::sync::atomic::Ordering::SeqCst) {
+                std::thread::sleep(Duration::from_millis(100));
+                let secs = start.elapsed().as_secs();
+                if secs >= 2 && start.elapsed().subsec_millis() < 100 {
+                    eprintln!(
+                        "vhpc: checkpointing VM {name} to {} ... {secs} s",
+                        dir.display()
+                    );
+                }
+            }
+        })
+    };
+    let result = http::call(&vm.api_sock(), "PUT", "/vm/snapshot", Some(&body), None);
+    done.store(true, std::sync::atomic::Ordering::SeqCst);
+    let _ = progress.join();
+    let resp = result?;
+    let status = resp.status;
+    let bytes = resp.into_bytes()?;
+    if status != 200 {
+        return Err(api_error(name, status, &bytes));
+    }
+    let info: vhpc_api::rest::SnapshotResponse = serde_json::from_slice(&bytes)?;
+    println!(
+        "checkpoint {} of VM {name} in {}: {} {} memory pages, state {} bytes, vCPUs paused {:.1} ms{}",
+        info.id,
+        info.dir,
+        info.memory_pages,
+        if info.parent.is_some() {
+            "dirty"
+        } else {
+            "non-zero"
+        },
+        info.state_bytes,
+        info.paused_ms,
+        if info.stopped {
+            "; the VM is stopped"
+        } else {
+            ""
+        }
+    );
+    if stop {
+        // The VMM ends after its answer; wait for it, so the name is free when we return.
+        let deadline = Instant::now() + Duration::from_secs(30);
+        while vm.running_pid().is_some() && Instant::now() < deadline {
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
+    Ok(0)
 }
 
 fn wait_until_ready(dir: &VmDir, child: &mut Child, timeout: Duration) -> anyhow::Result<()> {

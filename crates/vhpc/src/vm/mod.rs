@@ -6,6 +6,7 @@
 //! of that API ([`commands`]).
 
 pub mod agent_client;
+pub mod agent_resume;
 pub mod api_server;
 pub mod commands;
 pub mod http;
@@ -109,12 +110,18 @@ pub struct ServeArgs {
     /// The inherited fd holding the lock on the state directory's pid file.
     #[arg(long)]
     pub lock_fd: i32,
-    /// Receive the VM by live migration on this HOST:PORT instead of booting it.
+    /// Restore this checkpoint instead of booting (`vhpc restore DIR --name NAME`).
     #[arg(long)]
-    pub incoming: Option<String>,
-    /// With --incoming: take the VM even from another CPU model or with changed disks.
+    pub restore: Option<PathBuf>,
+    /// With --restore or --incoming: accept another host CPU model or changed disks.
     #[arg(long)]
     pub force: bool,
+    /// With --restore: read all guest memory now.
+    #[arg(long, requires = "restore")]
+    pub prefault: bool,
+    /// Receive the VM by live migration on this HOST:PORT instead of booting it.
+    #[arg(long, conflicts_with = "restore")]
+    pub incoming: Option<String>,
     /// With --incoming: seconds to wait for the migration.
     #[arg(long, default_value_t = 600)]
     pub incoming_timeout: u64,
@@ -147,6 +154,7 @@ pub struct MigrateArgs {
     pub downtime_ms: u64,
 }
 
+
 /// Runs a `vhpc vm` subcommand; returns the exit status.
 pub fn run(command: VmCommand) -> anyhow::Result<i32> {
     match command {
@@ -157,16 +165,6 @@ pub fn run(command: VmCommand) -> anyhow::Result<i32> {
         VmCommand::Stop { name, timeout } => commands::stop(&name, timeout),
         VmCommand::Api(args) => commands::api(args),
         VmCommand::Receive(args) => commands::receive(args),
-        VmCommand::Serve(args) => {
-            let origin = match args.incoming {
-                None => vmm_process::Origin::Boot,
-                Some(listen) => vmm_process::Origin::Incoming {
-                    listen,
-                    force: args.force,
-                    timeout: std::time::Duration::from_secs(args.incoming_timeout),
-                },
-            };
-            vmm_process::run(args.dir, args.lock_fd, origin)
-        }
+        VmCommand::Serve(args) => vmm_process::run(args),
     }
 }

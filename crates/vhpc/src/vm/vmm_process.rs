@@ -15,12 +15,16 @@ use anyhow::Context;
 use base64::Engine as _;
 use base64::engine::general_purpose::STANDARD as BASE64;
 use vhpc_api::rest::{
-    ExecEvent, ExecRequest, Health, MigrateEvent, MigrateRequest, VmInfo, VmRunState, VmSpec,
+    ExecEvent, ExecRequest, Health, MigrateEvent, MigrateRequest, SnapshotRequest,
+    SnapshotResponse, VmInfo, VmRunState, VmSpec,
 };
 use vhpc_guest::protocol::session::{Request, Response};
+use vhpc_vmm::snapshot::{self, CheckpointKind, RestoreOptions, SnapshotError};
 use vhpc_vmm::{Vm, VmIo, VmOutcome};
 
+use super::ServeArgs;
 use super::agent_client::{self, AgentClient, AgentError};
+use super::agent_resume;
 use super::api_server::{self, ApiError, Backend};
 use super::migrate_vm::{self, AGENT_VERSION_LABEL};
 use super::state_dir::VmDir;
@@ -32,23 +36,14 @@ const HEALTH_TIMEOUT: Duration = Duration::from_secs(10);
 /// Largest stdin an exec request may carry (decoded).
 pub const MAX_STDIN: usize = 512 << 10;
 
-/// Where a VM comes from: booted from its config.json, or received by live migration.
-pub enum Origin {
-    Boot,
-    Incoming {
-        /// `HOST:PORT` to listen on.
-        listen: String,
-        /// Take the VM even from another CPU model or with disks that look changed.
-        force: bool,
-        /// How long to wait for the migration to arrive.
-        timeout: Duration,
-    },
-}
+/// How long a checkpoint waits for a running `vhpc exec` to end before it gives up.
+const SNAPSHOT_IDLE_WAIT: Duration = Duration::from_secs(10);
 
-/// Runs the VM in `dir` until it ends. `lock_fd` is the pid file's lock, inherited from
-/// `vhpc vm start` (or `vhpc vm receive`): held for this process's whole life, it is what marks
-/// the VM alive.
-pub fn run(dir: PathBuf, lock_fd: i32, origin: Origin) -> anyhow::Result<i32> {
+/// Runs the VM in `args.dir` until it ends: boots it, or restores `args.restore`. The lock
+/// fd is the pid file's lock, inherited from `vhpc vm start` (or `vhpc restore --name`):
+/// held for this process's whole life, it is what marks the VM alive.
+pub fn run(args: ServeArgs) -> anyhow::Result<i32> {
+    let (dir, lock_fd) = (args.dir.clone(), args.lock_fd);
     // SAFETY: `vhpc vm start` passes the number of the lock fd it left open (not close-on-exec)
     // for this process; nothing else in this process owns or closes that fd.
     let lock = unsafe { File::from_raw_fd(lock_fd) };
@@ -66,59 +61,53 @@ pub fn run(dir: PathBuf, lock_fd: i32, origin: Origin) -> anyhow::Result<i32> {
         extra_initramfs: Vec::new(),
         timeout: None,
     };
-    let (spec, vm) = match origin {
-        Origin::Boot => {
-            let config = dir.config_json();
-            let spec: VmSpec = serde_json::from_slice(
-                &std::fs::read(&config)
-                    .with_context(|| format!("cannot read {}", config.display()))?,
-            )
-            .with_context(|| format!("{} is not a valid VM spec", config.display()))?;
-            let mut vm = Vm::boot(&spec.config, io)?;
-            agent.set_input(vm.agent_input());
-            vm.start()?;
-            (spec, vm)
-        }
-        Origin::Incoming {
-            listen,
-            force,
-            timeout,
-        } => {
-            let opts = vhpc_vmm::migration::ReceiveOptions {
-                force,
-                limits: Some(vhpc_vmm::vm::current_host_limits()?),
-            };
-            let incoming = match migrate_vm::receive_in(&dir, &listen, io, &opts, timeout) {
-                Ok(incoming) => incoming,
-                Err(e) => {
-                    // Nothing of the VM is left: the partial one was dropped by receive.
-                    log::error!("{e:#}");
-                    let _ = dir.remove();
-                    return Err(e);
-                }
-            };
+    let (spec, vm, resumed_agent) = match &args.incoming {
+        Some(listen) => {
+            let incoming = receive(&dir, listen, io, &args)?;
+            let version = incoming
+                .labels
+                .iter()
+                .find(|(k, _)| k == AGENT_VERSION_LABEL)
+                .map(|(_, v)| v.clone());
             let spec = VmSpec {
                 name: dir.name.clone(),
                 config: incoming.vm.config().clone(),
             };
             std::fs::write(dir.config_json(), serde_json::to_vec_pretty(&spec)?)
                 .with_context(|| format!("cannot write {}", dir.config_json().display()))?;
-            agent.set_input(incoming.vm.agent_input());
-            // The guest agent announced itself to the source; its session goes on here.
-            if let Some((_, version)) = incoming
-                .labels
-                .iter()
-                .find(|(k, _)| k == AGENT_VERSION_LABEL)
-            {
-                agent.assume_ready(version.clone());
-            }
-            (spec, incoming.vm)
+            // Already running: the source's guest goes on here.
+            (spec, incoming.vm, version)
+        }
+        None => {
+            let config = dir.config_json();
+            let spec: VmSpec = serde_json::from_slice(
+                &std::fs::read(&config)
+                    .with_context(|| format!("cannot read {}", config.display()))?,
+            )
+            .with_context(|| format!("{} is not a valid VM spec", config.display()))?;
+            let (mut vm, resumed_agent) = match &args.restore {
+                None => (Vm::boot(&spec.config, io)?, None),
+                Some(checkpoint) => restore(checkpoint, io, &args)?,
+            };
+            vm.start()?;
+            (spec, vm, resumed_agent)
         }
     };
+    agent.set_input(vm.agent_input());
+    let agent = Arc::new(agent);
+    // A restored or migrated guest's agent announced itself before this process existed.
+    if let Some(version) = resumed_agent {
+        let agent = agent.clone();
+        std::thread::spawn(move || {
+            if let Err(e) = agent_resume::resume(&agent, version) {
+                log::error!("{e:#}; `vhpc exec` will not work in this VM");
+            }
+        });
+    }
     let backend = Arc::new(VmBackend {
         spec,
         vm: Arc::new(vm),
-        agent: Arc::new(agent),
+        agent,
         control: Mutex::new(()),
         stopping: AtomicBool::new(false),
         migrating: AtomicBool::new(false),
@@ -155,6 +144,49 @@ pub fn run(dir: PathBuf, lock_fd: i32, origin: Origin) -> anyhow::Result<i32> {
     }
     drop(lock);
     Ok(0)
+}
+
+/// The VM of a live migration arriving on `listen`, running. A failed migration leaves
+/// nothing: the partial VM is dropped and the state directory removed.
+fn receive(
+    dir: &VmDir,
+    listen: &str,
+    io: VmIo,
+    args: &ServeArgs,
+) -> anyhow::Result<vhpc_vmm::migration::Incoming> {
+    let opts = vhpc_vmm::migration::ReceiveOptions {
+        force: args.force,
+        limits: Some(vhpc_vmm::vm::current_host_limits()?),
+    };
+    let timeout = Duration::from_secs(args.incoming_timeout);
+    migrate_vm::receive_in(dir, listen, io, &opts, timeout).inspect_err(|e| {
+        log::error!("{e:#}");
+        let _ = dir.remove();
+    })
+}
+
+/// The VM of a checkpoint, and the agent version to resume its session with.
+fn restore(
+    checkpoint: &std::path::Path,
+    io: VmIo,
+    args: &ServeArgs,
+) -> anyhow::Result<(Vm, Option<String>)> {
+    let saved = snapshot::Checkpoint::load(checkpoint)?;
+    let version = agent_resume::saved_version(&saved)?;
+    if version.is_none() {
+        log::warn!(
+            "{} was not taken of a long-running VM (no agent session in it); `vhpc exec` will not answer",
+            checkpoint.display()
+        );
+    }
+    let opts = RestoreOptions {
+        force: args.force,
+        prefault: args.prefault,
+    };
+    let vm = snapshot::restore(checkpoint, io, opts)
+        .with_context(|| format!("cannot restore {}", checkpoint.display()))?;
+    log::info!("restored {}", checkpoint.display());
+    Ok((vm, version))
 }
 
 /// The API's view of the running VM.
@@ -221,7 +253,94 @@ impl VmBackend {
     }
 }
 
+/// The HTTP status for a failed checkpoint.
+fn snapshot_error(e: SnapshotError) -> ApiError {
+    let status = match e {
+        SnapshotError::NoParent => 409,
+        SnapshotError::ReplacesParent(_) => 400,
+        _ => 500,
+    };
+    ApiError::new(status, e.to_string())
+}
+
 impl Backend for VmBackend {
+    fn snapshot(&self, request: SnapshotRequest) -> Result<SnapshotResponse, ApiError> {
+        let dir = PathBuf::from(&request.dir);
+        if !dir.is_absolute() {
+            return Err(ApiError::new(
+                400,
+                format!(
+                    "dir {} must be an absolute path (the VMM runs elsewhere)",
+                    request.dir
+                ),
+            ));
+        }
+        let _control = self.lock_control();
+        let state = self.state();
+        if matches!(state, VmRunState::Booting | VmRunState::Stopping) {
+            return Err(ApiError::new(
+                409,
+                format!("cannot checkpoint: the VM is {}", state.as_str()),
+            ));
+        }
+        let _idle = self.agent.hold_idle(SNAPSHOT_IDLE_WAIT).map_err(|_| {
+            ApiError::new(
+                409,
+                format!(
+                    "the guest agent is running a command (vhpc exec) and did not finish within {SNAPSHOT_IDLE_WAIT:?}; checkpoint when it has finished (run long jobs in the background)"
+                ),
+            )
+        })?;
+        let version = self.agent.agent_version().unwrap_or_default();
+        let extra =
+            [agent_resume::component(&version).map_err(|e| ApiError::new(500, e.to_string()))?];
+        let kind = if request.incremental {
+            CheckpointKind::Incremental
+        } else {
+            CheckpointKind::Full
+        };
+        if request.stop && !self.vm.is_paused() {
+            self.vm
+                .pause()
+                .map_err(|e| ApiError::new(500, e.to_string()))?;
+        }
+        let result = snapshot::checkpoint_with(&self.vm, &dir, kind, &extra);
+        let info = match result {
+            Ok(info) => info,
+            Err(e) => {
+                if request.stop {
+                    // The VM goes on: a failed checkpoint must not lose it.
+                    let _ = self.vm.resume();
+                }
+                return Err(snapshot_error(e));
+            }
+        };
+        if request.stop {
+            self.stopping.store(true, Ordering::SeqCst);
+        }
+        log::info!(
+            "checkpoint {} written to {} ({} pages, paused {:?})",
+            info.id,
+            info.dir.display(),
+            info.memory_pages,
+            info.paused_for
+        );
+        Ok(SnapshotResponse {
+            id: info.id,
+            dir: info.dir.display().to_string(),
+            parent: info.parent,
+            memory_pages: info.memory_pages,
+            state_bytes: info.state_bytes,
+            paused_ms: info.paused_for.as_secs_f64() * 1000.0,
+            stopped: request.stop,
+        })
+    }
+
+    fn end_after_snapshot(&self) {
+        log::info!("VM {}: stopped after its checkpoint", self.spec.name);
+        self.vm.stop();
+    }
+
     fn info(&self) -> VmInfo {
         VmInfo {
             name: self.spec.name.clone(),
@@ -355,6 +474,17 @@ impl Backend for VmBackend {
             }
             self.migrating.store(true, Ordering::SeqCst);
         }
+        // As for a checkpoint: the agent session moves between two requests, never inside one.
+        let idle = self.agent.hold_idle(SNAPSHOT_IDLE_WAIT);
+        let Ok(_idle) = idle else {
+            self.migrating.store(false, Ordering::SeqCst);
+            return Err(ApiError::new(
+                409,
+                format!(
+                    "the guest agent is running a command (vhpc exec) and did not finish within {SNAPSHOT_IDLE_WAIT:?}; migrate when it has finished (run long jobs in the background)"
+                ),
+            ));
+        };
         let labels = self
             .agent
             .agent_version()
@@ -362,16 +492,11 @@ impl Backend for VmBackend {
             .unwrap_or_default();
         let result = migrate_vm::migrate_out(&self.vm, &request, labels, event);
         if result.is_ok() {
-            // The destination runs the VM: this process is done once the response is out.
-            let dir = self.dir.clone();
-            std::thread::spawn(move || {
-                std::thread::sleep(Duration::from_millis(200));
-                log::info!("VM {} now runs at the destination; exiting", dir.name);
-                if let Err(e) = dir.remove() {
-                    log::warn!("{e}");
-                }
-                std::process::exit(0);
-            });
+            // The destination runs the VM; the outcome went out with the last event. The main
+            // thread sees a clean end, removes the state directory and exits.
+            log::info!("VM {} now runs at the destination", self.spec.name);
+            self.stopping.store(true, Ordering::SeqCst);
+            self.vm.stop();
         } else {
             self.migrating.store(false, Ordering::SeqCst);
         }

@@ -251,7 +251,13 @@ pub fn merge(dir: &Path, out: &Path) -> Result<super::CheckpointInfo, SnapshotEr
             ),
         ));
     }
-    super::write_full_dir(&out, &last.body.config, &mem, last.body.components.clone())
+    super::write_full_dir(
+        &out,
+        &last.body.config,
+        &mem,
+        last.body.components.clone(),
+        last.body.disks.clone(),
+    )
 }
 
 /// What `vhpc snapshot inspect` shows: the checkpoint, its memory verified, its chain.

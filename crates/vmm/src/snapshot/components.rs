@@ -1,5 +1,6 @@
 //! The typed, versioned state of each component, as stored in `state.bin`: `vcpu.N` (one per
-//! vCPU) and `irqchip` (PIC, IOAPIC, PIT, kvmclock). Each is its own serde type with its own
+//! vCPU), `irqchip` (PIC, IOAPIC, PIT, kvmclock) and `dev.*` (one per device model, encoded
+//! and versioned by the device itself: see `crate::device_state`). Each is its own serde type with its own
 //! version, converted to and from the live state types; the KVM structures inside are
 //! kvm-bindings' serde encodings (their raw bytes).
 //!
@@ -15,6 +16,7 @@ use kvm_ioctls::KvmNestedStateBuffer;
 use serde::{Deserialize, Serialize};
 
 use super::format::{Component, FormatError, StateBody};
+use crate::device_state::{self, DeviceSnapshot};
 use crate::vcpu_state::VcpuState;
 use crate::vm_state::{IrqchipState, MachineState};
 
@@ -158,6 +160,11 @@ pub fn encode(machine: &MachineState) -> Result<Vec<Component>, FormatError> {
         };
         out.push(enc(vcpu_name(index), VCPU_VERSION, &state)?);
     }
+    out.extend(machine.devices.iter().map(|d| Component {
+        name: d.name.clone(),
+        version: d.version,
+        data: d.data.clone(),
+    }));
     Ok(out)
 }
 
@@ -190,8 +197,19 @@ pub fn decode_list(components: &[Component], vcpus: u32) -> Result<MachineState,
             nested: v.nested,
         });
     }
+    // Device states are checked by the devices themselves when they are restored.
+    let devices = components
+        .iter()
+        .filter(|c| c.name.starts_with(device_state::PREFIX))
+        .map(|c| DeviceSnapshot {
+            name: c.name.clone(),
+            version: c.version,
+            data: c.data.clone(),
+        })
+        .collect();
     Ok(MachineState {
         vcpus: states,
+        devices,
         irqchip: IrqchipState {
             chips: chip.chips,
             pit: chip.pit,

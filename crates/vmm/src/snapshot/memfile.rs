@@ -81,7 +81,7 @@ fn mark_file_data(touched: &mut [bool], file: &File, start: u64, len: u64) {
 }
 
 /// The host bytes of a region of paused guest memory.
-fn region_bytes(region: &vm_memory::GuestRegionMmap<()>) -> &[u8] {
+fn region_bytes(region: &vm_memory::GuestRegionMmap<vm_memory::bitmap::AtomicBitmap>) -> &[u8] {
     // SAFETY: the mapping is `region.len()` bytes long and lives as long as `region`. The VM is
     // paused while a checkpoint is written (no vCPU writes it; the VMM's devices do not write
     // guest memory), so reading it as a byte slice does not race with a writer.

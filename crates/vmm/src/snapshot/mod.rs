@@ -30,7 +30,8 @@ pub use format::{FormatError, HostInfo, StateBody};
 
 use crate::vm::{Vm, VmError};
 use atomic::PendingDir;
-use format::{Component, MemoryContents, MemoryRecord, Meta, ParentLink};
+pub use format::Component;
+use format::{MemoryContents, MemoryRecord, Meta, ParentLink};
 use memfile::{DELTA_FILE, FULL_FILE};
 
 pub const STATE_FILE: &str = "state.bin";
@@ -67,11 +68,6 @@ pub struct CheckpointInfo {
 pub enum SnapshotError {
     #[error(transparent)]
     Vm(#[from] VmError),
-    #[error(
-        "this VM has virtio disks, whose device state checkpoints do not capture yet; \
-         checkpoint VMs without --disk for now"
-    )]
-    DevicesNotSupported,
     #[error("cannot {what} {}: {source}", path.display())]
     Io {
         what: &'static str,
@@ -138,21 +134,38 @@ fn now_ms() -> u64 {
 /// stays paused (pause it first to stop it after the checkpoint). Every checkpoint turns on
 /// KVM's dirty log, so that the next one can be incremental.
 pub fn checkpoint(
-    vm: &mut Vm,
+    vm: &Vm,
     dir: &Path,
     kind: CheckpointKind,
 ) -> Result<CheckpointInfo, SnapshotError> {
-    // Virtio queues, in-flight requests and PCI/MSI-X state are not saved yet: refuse rather
-    // than write a checkpoint that would restore a broken guest.
-    if !vm.config().disks.is_empty() {
-        return Err(SnapshotError::DevicesNotSupported);
+    checkpoint_with(vm, dir, kind, &[])
+}
+
+/// [`checkpoint`] with further components the caller owns (e.g. the long-running VM's agent
+/// session, `vhpc.agent`), stored after the VM's own. Their names must not start with
+/// `vcpu.`, `dev.` or be `irqchip`.
+pub fn checkpoint_with(
+    vm: &Vm,
+    dir: &Path,
+    kind: CheckpointKind,
+    extra: &[Component],
+) -> Result<CheckpointInfo, SnapshotError> {
+    if let Some(c) = extra.iter().find(|c| {
+        c.name == components::IRQCHIP
+            || c.name.starts_with("vcpu.")
+            || c.name.starts_with(crate::device_state::PREFIX)
+    }) {
+        return Err(SnapshotError::Chain {
+            dir: dir.to_path_buf(),
+            detail: format!("component name {} is the VM's own", c.name),
+        });
     }
     let was_paused = vm.is_paused();
     if !was_paused {
         vm.pause()?;
     }
     let start = Instant::now();
-    let result = write_checkpoint(vm, dir, kind);
+    let result = write_checkpoint(vm, dir, kind, extra);
     if result.is_err() {
         // The dirty log may have been read and cleared: only a full checkpoint is safe next.
         vm.set_last_checkpoint(None);
@@ -165,9 +178,10 @@ pub fn checkpoint(
 }
 
 fn write_checkpoint(
-    vm: &mut Vm,
+    vm: &Vm,
     dir: &Path,
     kind: CheckpointKind,
+    extra: &[Component],
 ) -> Result<CheckpointInfo, SnapshotError> {
     let dir = std::path::absolute(dir).map_err(io_err("resolve", dir))?;
     let parent = match kind {
@@ -184,10 +198,12 @@ fn write_checkpoint(
         }
     };
     let machine = vm.save_machine()?;
-    let components = components::encode(&machine).map_err(|source| SnapshotError::Format {
+    let mut components = components::encode(&machine).map_err(|source| SnapshotError::Format {
         dir: dir.clone(),
         source,
     })?;
+    components.extend_from_slice(extra);
+    let disks = sync_disks(vm.config())?;
     let pending = PendingDir::create(&dir).map_err(io_err("create a directory beside", &dir))?;
     let (contents, pages) = if parent.is_some() {
         let runs = memfile::runs_of(&vm.dirty_pages()?);
@@ -230,8 +246,7 @@ fn write_checkpoint(
             regions: memfile::regions(vm.memory()),
             contents,
         },
-        // `DiskRecord::of` each disk once VmConfig has disks; restore already checks them.
-        disks: Vec::new(),
+        disks,
         components,
     };
     let info = commit(pending, &dir, &body, pages)?;
@@ -240,6 +255,21 @@ fn write_checkpoint(
         dir,
     }));
     Ok(info)
+}
+
+/// Makes every disk image durable (the devices are paused: their writes are all done) and
+/// records its identity, which restore checks.
+fn sync_disks(config: &vhpc_api::VmConfig) -> Result<Vec<format::DiskRecord>, SnapshotError> {
+    let mut records = Vec::with_capacity(config.disks.len());
+    for disk in &config.disks {
+        if !disk.read_only {
+            std::fs::File::open(&disk.path)
+                .and_then(|f| f.sync_data())
+                .map_err(io_err("sync disk image", &disk.path))?;
+        }
+        records.push(format::DiskRecord::of(&disk.path).map_err(io_err("stat", &disk.path))?);
+    }
+    Ok(records)
 }
 
 /// Writes a sparse `memory.raw` of `mem` into the pending directory.
@@ -302,6 +332,7 @@ fn write_full_dir(
     config: &vhpc_api::VmConfig,
     mem: &crate::memory::GuestMemory,
     components: Vec<Component>,
+    disks: Vec<format::DiskRecord>,
 ) -> Result<CheckpointInfo, SnapshotError> {
     let pending = PendingDir::create(dir).map_err(io_err("create a directory beside", dir))?;
     let (contents, pages) = write_full_memory(&pending, mem)?;
@@ -318,7 +349,7 @@ fn write_full_dir(
             regions: memfile::regions(mem),
             contents,
         },
-        disks: Vec::new(),
+        disks,
         components,
     };
     commit(pending, dir, &body, pages)

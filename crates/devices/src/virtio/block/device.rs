@@ -8,9 +8,11 @@
 use std::fs::{File, OpenOptions};
 use std::path::{Path, PathBuf};
 
+use serde::{Deserialize, Serialize};
 use virtio_queue::Queue;
 
 use super::request::{self, Disk, ID_BYTES, SECTOR_SIZE};
+use crate::persist::{Persist, PersistError};
 use crate::virtio::{
     GuestMemory, QueueError, QueueHandler, VIRTIO_RING_F_INDIRECT_DESC, VirtioBackend,
 };
@@ -129,6 +131,46 @@ impl VirtioBackend for Block {
             self.id,
         );
         Ok(Box::new(BlockHandler(disk)))
+    }
+}
+
+/// `virtio-blk` backend state version 1: nothing the guest can change lives in the device
+/// (the data is in the image file, whose identity the VMM records beside the checkpoint);
+/// what identifies the disk is kept to refuse restoring onto a different one.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct BlockStateV1 {
+    pub sectors: u64,
+    pub read_only: bool,
+    pub id: Vec<u8>,
+}
+
+impl Persist for Block {
+    type State = BlockStateV1;
+    const VERSION: u32 = 1;
+    const NAME: &'static str = "virtio-blk";
+
+    fn save(&self) -> Result<BlockStateV1, PersistError> {
+        Ok(BlockStateV1 {
+            sectors: self.sectors,
+            read_only: self.read_only,
+            id: self.id.to_vec(),
+        })
+    }
+
+    fn restore(&mut self, s: BlockStateV1) -> Result<(), PersistError> {
+        if (s.sectors, s.read_only) != (self.sectors, self.read_only) {
+            return Err(PersistError::Mismatch {
+                device: Self::NAME,
+                detail: format!(
+                    "the checkpoint's disk had {} sectors{}, this one has {}{}",
+                    s.sectors,
+                    if s.read_only { " (read-only)" } else { "" },
+                    self.sectors,
+                    if self.read_only { " (read-only)" } else { "" }
+                ),
+            });
+        }
+        Ok(())
     }
 }
 

@@ -357,8 +357,8 @@ fn live_migration_moves_a_running_vm_and_a_broken_one_leaves_the_source_running(
          vhpc vm receive b --listen 127.0.0.1:7000; echo recv=$?; \
          c3=$(vhpc exec a -- cat /tmp/c); \
          vhpc migrate a --to 127.0.0.1:7000 --downtime-ms 100; echo migrate=$?; \
-         vhpc vm list | sed 's/^/list: /'; \
          c4=$(vhpc exec b -- cat /tmp/c); echo exec_b=$?; \
+         vhpc vm list | sed 's/^/list: /'; \
          sleep 2; c5=$(vhpc exec b -- cat /tmp/c); \
          echo moved_delta=$((c4-c3)); echo running_delta=$((c5-c4)); \
          up1=$(vhpc exec b -- cut -d' ' -f1 /proc/uptime); \

@@ -434,7 +434,12 @@ fn server_and_spec_agree() {
         ("PUT", "/vm/shutdown", "", VmRunState::Running),
         ("PUT", "/vm/migrate", migrate_body, VmRunState::Running),
         ("PUT", "/vm/migrate", migrate_body, VmRunState::Stopping),
-        ("PUT", "/vm/migrate", r#"{"to":"unreachable:1"}"#, VmRunState::Running),
+        (
+            "PUT",
+            "/vm/migrate",
+            r#"{"to":"unreachable:1"}"#,
+            VmRunState::Running,
+        ),
         ("PUT", "/vm/migrate", r#"{"to":5}"#, VmRunState::Running),
         (
             "PUT",
@@ -479,5 +484,8 @@ fn server_and_spec_agree() {
     let request: Value =
         serde_json::from_str(r#"{"dir":"/c","incremental":true,"stop":true}"#).unwrap();
     spec.check("SnapshotRequest", &request);
-    spec.check("MigrateRequest", &serde_json::from_str(migrate_body).unwrap());
+    spec.check(
+        "MigrateRequest",
+        &serde_json::from_str(migrate_body).unwrap(),
+    );
 }

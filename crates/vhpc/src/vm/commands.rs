@@ -19,9 +19,9 @@ use vhpc_api::{MemoryConfig, VmConfig};
 use vhpc_guest::protocol::SERVE_FLAG;
 
 use super::http;
+use super::migrate_vm::incoming_file;
 use super::state_dir::{Runtime, VmDir};
 use super::vmm_process::MAX_STDIN;
-use super::migrate_vm::incoming_file;
 use super::{ApiArgs, ExecArgs, MigrateArgs, ReceiveArgs, StartArgs};
 
 /// Timeout for API calls that do not run guest commands.
@@ -167,7 +167,8 @@ pub fn migrate(args: MigrateArgs) -> anyhow::Result<i32> {
     let resp = http::call(&dir.api_sock(), "PUT", "/vm/migrate", Some(&body), None)?;
     if resp.status != 200 {
         let status = resp.status;
-        return Err(api_error(&args.name, status, &resp.into_bytes()?));
+        let e = api_error(&args.name, status, &resp.into_bytes()?);
+        bail!("migration failed: {e}");
     }
     let mut body = resp.body;
     let mut line = String::new();
@@ -476,9 +477,26 @@ pub fn stop(name: &str, timeout: u64) -> anyhow::Result<i32> {
     Ok(0)
 }
 
+/// How long `vhpc exec` waits for a VM whose agent is not answering yet (just started,
+/// arriving by migration, restored).
+const AGENT_WAIT: Duration = Duration::from_secs(60);
+
+/// Waits while the VM is alive but its agent not ready yet (no API socket yet, state
+/// `booting`), at most `timeout`; the request that follows reports whatever is still wrong.
+fn wait_for_agent(dir: &VmDir, timeout: Duration) {
+    let deadline = Instant::now() + timeout;
+    while Instant::now() < deadline && dir.running_pid().is_some() {
+        match get_info(dir, Duration::from_secs(2)) {
+            Ok(info) if info.state != VmRunState::Booting => return,
+            _ => std::thread::sleep(Duration::from_millis(100)),
+        }
+    }
+}
+
 /// `vhpc exec NAME -- CMD...`: streams CMD's output, returns its status.
 pub fn exec(args: ExecArgs) -> anyhow::Result<i32> {
     let dir = Runtime::from_env().existing(&args.name)?;
+    wait_for_agent(&dir, AGENT_WAIT);
     let stdin = if args.stdin {
         let mut bytes = Vec::new();
         io::stdin()

@@ -154,7 +154,6 @@ pub struct MigrateArgs {
     pub downtime_ms: u64,
 }
 
-
 /// Runs a `vhpc vm` subcommand; returns the exit status.
 pub fn run(command: VmCommand) -> anyhow::Result<i32> {
     match command {

@@ -25,7 +25,6 @@ use vm_memory::{Bytes, GuestAddress, GuestMemoryBackend, GuestMemoryRegion};
 
 use super::wire::{self, FinalState, Hello, Kind, MAX_PAGES_PER_FRAME, PAGE_SIZE};
 use super::{MigrationError, MigrationOptions, Phase, Progress};
-use crate::snapshot::format::DiskRecord;
 use crate::snapshot::{HostInfo, components};
 use crate::vm::Vm;
 
@@ -51,12 +50,6 @@ pub fn migrate<S: Read + Write>(
     opts: &MigrationOptions,
     progress: &mut dyn FnMut(&Progress),
 ) -> Result<MigrationStats, MigrationError> {
-    // As for checkpoints: virtio device state is not carried yet.
-    if !vm.config().disks.is_empty() {
-        return Err(MigrationError::Local(
-            "this VM has virtio disks, whose device state migration does not carry yet; migrate VMs without --disk for now".into(),
-        ));
-    }
     let was_paused = vm.is_paused();
     // Reading the dirty log clears it: the link to the last checkpoint no longer holds.
     vm.set_last_checkpoint(None);
@@ -161,7 +154,8 @@ impl<S: Read + Write> Sender<'_, S> {
     fn report(&mut self, phase: Phase, round_pages: u64, remaining: u64) {
         (self.progress)(&Progress {
             phase,
-            round: self.stats.rounds,
+            // The round that ended (or runs): round 0 is all of memory.
+            round: self.stats.rounds.saturating_sub(1),
             round_pages,
             pages_sent: self.stats.pages_sent,
             remaining_pages: remaining,
@@ -293,14 +287,10 @@ impl<S: Read + Write> Sender<'_, S> {
         let machine = self.vm.save_machine()?;
         let components = components::encode(&machine)
             .map_err(|e| MigrationError::Local(format!("encoding the VM state: {e}")))?;
-        let disks = self
-            .vm
-            .config()
-            .disks
-            .iter()
-            .map(|d| DiskRecord::of(&d.path))
-            .collect::<std::io::Result<Vec<_>>>()
-            .map_err(|e| MigrationError::Local(format!("reading a disk's identity: {e}")))?;
+        // The devices are paused (their requests done): make the disks durable for the
+        // destination, which opens the same files (shared storage).
+        let disks = crate::snapshot::sync_disks(self.vm.config())
+            .map_err(|e| MigrationError::Local(e.to_string()))?;
         wire::write_postcard(self.stream, Kind::State, &FinalState { components, disks })?;
         Ok(())
     }

@@ -259,7 +259,9 @@ fn write_checkpoint(
 
 /// Makes every disk image durable (the devices are paused: their writes are all done) and
 /// records its identity, which restore checks.
-fn sync_disks(config: &vhpc_api::VmConfig) -> Result<Vec<format::DiskRecord>, SnapshotError> {
+pub(crate) fn sync_disks(
+    config: &vhpc_api::VmConfig,
+) -> Result<Vec<format::DiskRecord>, SnapshotError> {
     let mut records = Vec::with_capacity(config.disks.len());
     for disk in &config.disks {
         if !disk.read_only {

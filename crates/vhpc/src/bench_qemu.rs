@@ -1,6 +1,8 @@
-//! QEMU as the reference in `vhpc bench snapshot`: `-M microvm` booting the same test guest,
-//! driven through its human monitor on stdio: `stop` + `migrate "exec:cat > FILE"` to save,
-//! `-incoming "exec:cat FILE"` to restore.
+//! QEMU as the reference in the benchmarks, driven through its human monitor on stdio:
+//! `vhpc bench snapshot` boots the test guest in `-M microvm` and saves with `stop` +
+//! `migrate "exec:cat > FILE"`, restores with `-incoming "exec:cat FILE"`; `vhpc bench
+//! migrate` boots the Debian kernel in `-M q35` and migrates live over TCP to a second QEMU
+//! started with `-incoming tcp:...`.
 
 use std::io::{Read, Write};
 use std::path::{Path, PathBuf};
@@ -41,7 +43,115 @@ fn command(guest: &Path, memory_mib: u64, cmdline: &str, serial: &Path) -> Comma
     cmd
 }
 
+/// The Debian guest in q35 (1 vCPU, `-cpu host`), console into `serial`, the agent's port
+/// discarded; listening for an incoming migration on `incoming` if given.
+fn linux_command(
+    kernel: &Path,
+    initramfs: &Path,
+    cmdline: &str,
+    memory_mib: u64,
+    serial: &Path,
+    incoming: Option<u16>,
+) -> Command {
+    let mut cmd = Command::new(QEMU);
+    cmd.args([
+        "-accel", "kvm", "-cpu", "host", "-M", "q35", "-smp", "1", "-m",
+    ])
+    .arg(memory_mib.to_string())
+    .args(["-nodefaults", "-no-user-config", "-display", "none"])
+    .arg("-serial")
+    .arg(format!("file:{}", serial.display()))
+    .args(["-serial", "null", "-kernel"])
+    .arg(kernel)
+    .arg("-initrd")
+    .arg(initramfs)
+    .args(["-append", cmdline, "-monitor", "stdio"]);
+    if let Some(port) = incoming {
+        cmd.arg("-incoming").arg(format!("tcp:127.0.0.1:{port}"));
+    }
+    cmd
+}
+
+/// Milliseconds after `key` in QEMU's `info migrate` text: `total time: 123 ms` (older
+/// QEMUs) or `total=123` on a `Time (ms):` line (newer ones).
+pub fn migrate_ms(info: &str, old_key: &str, new_key: &str) -> Option<f64> {
+    let number = |rest: &str| -> Option<f64> {
+        let digits: String = rest
+            .trim_start()
+            .chars()
+            .take_while(|c| c.is_ascii_digit() || *c == '.')
+            .collect();
+        digits.parse().ok()
+    };
+    if let Some(at) = info.find(old_key) {
+        return number(&info[at + old_key.len()..]);
+    }
+    info.lines()
+        .filter(|l| l.contains("(ms)"))
+        .flat_map(|l| l.split([',', ':']))
+        .find_map(|part| number(part.trim().strip_prefix(new_key)?.strip_prefix('=')?))
+}
+
 impl Qemu {
+    /// Boots the Debian kernel and initramfs (see [`linux_command`]).
+    pub fn boot_linux(
+        kernel: &Path,
+        initramfs: &Path,
+        cmdline: &str,
+        memory_mib: u64,
+        root: &Path,
+        incoming: Option<u16>,
+    ) -> anyhow::Result<Qemu> {
+        let name = match incoming {
+            Some(_) => "qemu-serial-dst.log",
+            None => "qemu-serial-src.log",
+        };
+        let serial = root.join(name);
+        let _ = std::fs::remove_file(&serial);
+        let cmd = linux_command(kernel, initramfs, cmdline, memory_mib, &serial, incoming);
+        Qemu::spawn(cmd, serial)
+    }
+
+    /// Live migration to the QEMU listening on `port`, aiming at `downtime_ms`: (total,
+    /// downtime) as QEMU reports them once the status is `completed`.
+    pub fn migrate_tcp(
+        &mut self,
+        port: u16,
+        downtime_ms: u64,
+        timeout: Duration,
+    ) -> anyhow::Result<(f64, f64)> {
+        self.send("migrate_set_parameter max-bandwidth 100G")?;
+        self.send(&format!(
+            "migrate_set_parameter downtime-limit {downtime_ms}"
+        ))?;
+        self.send(&format!("migrate -d tcp:127.0.0.1:{port}"))?;
+        let start = Instant::now();
+        loop {
+            std::thread::sleep(Duration::from_millis(100));
+            let from = self.output().len();
+            self.send("info migrate")?;
+            let status = self.wait_output("tatus:", from, timeout)?;
+            let first = status.lines().next().unwrap_or("");
+            if first.contains("completed") {
+                // The rest of the report follows the status line.
+                std::thread::sleep(Duration::from_millis(200));
+                let info = self.output()[from..].to_string();
+                let total = migrate_ms(&info, "total time:", "total");
+                let down = migrate_ms(&info, "downtime:", "down");
+                return match (total, down) {
+                    (Some(t), Some(d)) => Ok((t, d)),
+                    _ => bail!("cannot read QEMU's migration times from: {info}"),
+                };
+            }
+            if first.contains("failed") || first.contains("cancelled") {
+                bail!("QEMU's migration failed: {status}");
+            }
+            if start.elapsed() > timeout {
+                bail!("QEMU's migration did not complete within {timeout:?}: {status}");
+            }
+        }
+    }
+
     fn spawn(mut cmd: Command, serial: PathBuf) -> anyhow::Result<Qemu> {
         let mut child = cmd
             .stdin(Stdio::piped())

@@ -233,6 +233,25 @@ pub enum BenchCommand {
     /// depth 1), vhpc vs QEMU q35 virtio-blk-pci on the same disk file
     /// (`vhpc lab run --with-qemu --memory 3072 -- vhpc bench blk`).
     Blk(BenchBlkArgs),
+    /// Live migration total time and downtime, idle and dirtying guest, vhpc vs QEMU q35 in
+    /// one emulated host (`vhpc lab run --with-qemu --memory 3072 -- vhpc bench migrate`).
+    Migrate(BenchMigrateArgs),
+}
+
+#[derive(Args)]
+pub struct BenchMigrateArgs {
+    /// Migrations per VMM and guest load, interleaved.
+    #[arg(long, default_value_t = 3)]
+    pub runs: u32,
+    /// Guest memory in MiB.
+    #[arg(long, default_value_t = 512)]
+    pub memory: u64,
+    /// How much the dirtying guest keeps rewriting, in MiB.
+    #[arg(long, default_value_t = 64)]
+    pub dirty_mib: u64,
+    /// The downtime target given to both VMMs, in ms.
+    #[arg(long, default_value_t = 300)]
+    pub downtime_ms: u64,
 }
 
 #[derive(Args)]

@@ -5,6 +5,7 @@ mod bench_blk;
 mod bench_boot;
 mod bench_direct;
 mod bench_measure;
+mod bench_migrate;
 mod bench_qemu;
 mod bench_snapshot;
 mod cli;
@@ -41,6 +42,7 @@ fn main() {
         cli::Command::Snapshot(args) => snapshot_cmd::run(args),
         cli::Command::Restore(args) => snapshot_cmd::restore(args),
         cli::Command::GuestMemtest(args) => guest_memtest::run(args),
+        cli::Command::Bench(cli::BenchCommand::Migrate(args)) => bench_migrate::run(args),
     };
     match status {
         Ok(code) => std::process::exit(code),

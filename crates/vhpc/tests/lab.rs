@@ -410,3 +410,176 @@ fn live_migration_moves_a_running_vm_and_a_broken_one_leaves_the_source_running(
     assert_eq!(field(&run, "a_left"), "0", "the source VM is gone");
     assert_eq!(field(&run, "stop"), "0");
 }
+
+/// Shell functions for the checkpoint tests (in the emulated host). `tools` puts this vhpc
+/// binary on a read-only raw disk image, since the cached guest initramfs may hold another
+/// build of /init: the guest copies it off /dev/vda and runs `guest-memtest` from it.
+const CHECKPOINT_HELPERS: &str = "t() { cut -d' ' -f1 /proc/uptime; }; \
+     tools() { B=/usr/local/bin/vhpc; S=$(wc -c < $B); cat $B > /root/tools.img; \
+       truncate -s $(( (S/512+1)*512 )) /root/tools.img; }; \
+     memtest() { vhpc exec $1 -- sh -c \"head -c $S /dev/vda > /tmp/memtest && chmod +x /tmp/memtest \
+       && /tmp/memtest guest-memtest --mib $MIB --rounds $ROUNDS --out /tmp/mt >/dev/null 2>/tmp/mt.err &\"; }; \
+     rnd() { vhpc exec $1 -- cat /tmp/mt | sed -n 's/^round=\\([0-9]*\\).*/\\1/p'; }; \
+     waitround() { i=0; while [ $i -lt 300 ]; do r=$(rnd $1); \
+       [ -n \"$r\" ] && [ \"$r\" -ge $2 ] && return 0; sleep 1; i=$((i+1)); done; return 1; }; \
+     waitdone() { i=0; while [ $i -lt 900 ]; do l=$(vhpc exec $1 -- cat /tmp/mt); \
+       case \"$l\" in done*) echo \"$l\"; return 0;; esac; sleep 3; i=$((i+3)); done; return 1; }; \
+     vmmkill() { kill -9 $(cat /run/vhpc/$1/pid); sleep 1; }";
+
+/// The line `vhpc guest-memtest` ends with, computed here without any VM.
+fn memtest_expected(mib: u32, rounds: u32) -> String {
+    let out = Command::new(vhpc())
+        .args([
+            "guest-memtest",
+            "--mib",
+            &mib.to_string(),
+            "--rounds",
+            &rounds.to_string(),
+        ])
+        .output()
+        .expect("run vhpc guest-memtest");
+    assert!(out.status.success(), "guest-memtest failed on the host");
+    String::from_utf8_lossy(&out.stdout).trim().to_string()
+}
+
+#[test]
+#[ignore = "lab test: boots emulated hosts; run by scripts/test.sh"]
+fn checkpoint_kill_restore_and_an_incremental_chain_keep_a_memory_test_exact() {
+    // A guest program rewriting 128 MiB with a running checksum, checkpointed while it runs;
+    // its VMM is killed and the checkpoint restored as a new long-running VM, which is
+    // checkpointed again (full + 5 incremental) and killed; the chain's last checkpoint is
+    // restored and the program must end with the checksum of an uninterrupted run.
+    let (mib, rounds) = (128, 300);
+    let expected = memtest_expected(mib, rounds);
+    let script = format!(
+        "{CHECKPOINT_HELPERS}; MIB={mib}; ROUNDS={rounds}; tools; \
+         vhpc vm start a --memory 512 --disk /root/tools.img,ro; echo start=$?; \
+         memtest a; waitround a 2; echo running=$?; \
+         vhpc snapshot a /root/c0; echo snap0=$?; echo a_after=$(rnd a); \
+         vmmkill a; \
+         vhpc restore /root/c0 --name b; echo restore_b=$?; echo b_first=$(rnd b); \
+         vhpc snapshot b /root/bad --incremental; echo inc_noparent=$?; \
+         vhpc snapshot b /proc/nope; echo unwritable=$?; \
+         vhpc snapshot b /root/c1; echo snap1=$?; \
+         for k in 2 3 4 5 6; do sleep 2; vhpc snapshot b /root/c$k --incremental; echo snap$k=$?; done; \
+         echo b_last=$(rnd b); \
+         vhpc snapshot inspect /root/c6 | sed 's/^/inspect: /'; \
+         vmmkill b; \
+         vhpc restore /root/c6 --name c; echo restore_c=$?; echo c_first=$(rnd c); \
+         echo final=$(waitdone c); \
+         vhpc vm stop c; echo stop=$?"
+    );
+    let run = lab_with_timeout(2, 1500, &script);
+    assert_eq!(run.status, 0);
+    assert_eq!(field(&run, "start"), "0");
+    assert_eq!(
+        field(&run, "running"),
+        "0",
+        "the memory test never got going"
+    );
+    assert_eq!(field(&run, "snap0"), "0");
+    assert_eq!(field(&run, "restore_b"), "0");
+    let round = |key: &str| -> u32 {
+        field(&run, key)
+            .parse()
+            .unwrap_or_else(|_| panic!("{key} is not a round number"))
+    };
+    // The restored VM starts where the checkpoint was: at or before where `a` got to.
+    assert!(round("b_first") >= 2 && round("b_first") <= round("a_after"));
+    assert_eq!(field(&run, "inc_noparent"), "125");
+    assert!(run.stderr.contains("take a full checkpoint first"));
+    assert_eq!(field(&run, "unwritable"), "125");
+    assert!(
+        run.stderr
+            .contains("cannot create a directory beside /proc/nope")
+    );
+    for k in 1..=6 {
+        assert_eq!(field(&run, &format!("snap{k}")), "0", "checkpoint c{k}");
+    }
+    assert!(
+        run.stdout
+            .contains("inspect: chain       6 checkpoint(s), every link checked")
+    );
+    assert_eq!(field(&run, "restore_c"), "0");
+    let (last, first_c) = (round("b_last"), round("c_first"));
+    assert!(
+        first_c >= round("b_first") && first_c <= last && first_c < rounds,
+        "the chain's restore resumed the program mid-run (round {first_c}, b got to {last})"
+    );
+    assert_eq!(
+        field(&run, "final"),
+        expected,
+        "the program's result after two restores"
+    );
+    assert_eq!(field(&run, "stop"), "0");
+}
+
+#[test]
+#[ignore = "lab test: boots emulated hosts; run by scripts/test.sh"]
+fn a_vm_with_a_busy_disk_survives_checkpoint_and_restore_and_a_changed_disk_is_refused() {
+    // Reads keep the disk busy while the checkpoint is taken (the device must finish them
+    // and resume at the right queue position); the restored VM reads and writes the disk;
+    // `--stop` leaves the disk as recorded; a disk changed since is refused.
+    let script = "truncate -s 64M /root/d.img; \
+         vhpc vm start a --memory 512 --disk /root/d.img; echo start=$?; \
+         vhpc exec a -- sh -c 'dd if=/dev/urandom of=/tmp/pat bs=64k count=16 2>/dev/null; \
+           dd if=/tmp/pat of=/dev/vda bs=64k 2>/dev/null; sync; md5sum < /tmp/pat' | sed 's/ .*//;s/^/pat=/'; \
+         vhpc exec a -- sh -c 'while true; do echo 3 > /proc/sys/vm/drop_caches; \
+           dd if=/dev/vda of=/dev/null bs=64k count=64 2>/dev/null; echo x >> /tmp/reads; done >/dev/null 2>&1 &'; \
+         sleep 3; vhpc snapshot a /root/c0; echo snap0=$?; \
+         kill -9 $(cat /run/vhpc/a/pid); sleep 1; \
+         vhpc restore /root/c0 --name b; echo restore_b=$?; \
+         r0=$(vhpc exec b -- wc -l < /tmp/reads); sleep 3; r1=$(vhpc exec b -- wc -l < /tmp/reads); \
+         echo reads_go_on=$((r1 > r0)); \
+         vhpc exec b -- sh -c 'head -c 1048576 /dev/vda | md5sum' | sed 's/ .*//;s/^/b_read=/'; \
+         vhpc exec b -- sh -c 'dd if=/tmp/pat of=/dev/vda bs=64k seek=32 2>/dev/null; sync; \
+           echo 3 > /proc/sys/vm/drop_caches; dd if=/dev/vda bs=64k skip=32 count=16 2>/dev/null | md5sum' \
+           | sed 's/ .*//;s/^/b_write=/'; \
+         vhpc snapshot b /root/c1 --stop; echo snap_stop=$?; echo b_gone=$(vhpc vm list | grep -c '^b '); \
+         vhpc restore /root/c0 --name x; echo restore_old=$?; \
+         vhpc restore /root/c1 --name c; echo restore_c=$?; \
+         vhpc exec c -- sh -c 'echo 3 > /proc/sys/vm/drop_caches; dd if=/dev/vda bs=64k skip=32 count=16 2>/dev/null | md5sum' \
+           | sed 's/ .*//;s/^/c_read=/'; \
+         vhpc vm stop c; echo stop=$?; \
+         echo changed | dd of=/root/d.img bs=1 seek=100 conv=notrunc 2>/dev/null; \
+         vhpc restore /root/c1 --name d; echo restore_changed=$?";
+    let run = lab_with_timeout(2, 1200, script);
+    assert_eq!(run.status, 0);
+    assert_eq!(field(&run, "start"), "0");
+    let pat = field(&run, "pat");
+    assert_eq!(pat.len(), 32, "md5 of the pattern");
+    assert_eq!(field(&run, "snap0"), "0");
+    assert_eq!(field(&run, "restore_b"), "0");
+    assert_eq!(
+        field(&run, "reads_go_on"),
+        "1",
+        "the read loop runs on after restore"
+    );
+    assert_eq!(
+        field(&run, "b_read"),
+        pat,
+        "data written before the checkpoint"
+    );
+    assert_eq!(
+        field(&run, "b_write"),
+        pat,
+        "writes after the restore read back"
+    );
+    assert_eq!(field(&run, "snap_stop"), "0");
+    assert_eq!(field(&run, "b_gone"), "0", "--stop ended the VM");
+    assert_eq!(
+        field(&run, "restore_old"),
+        "125",
+        "c0's disk was written since"
+    );
+    assert!(run.stderr.contains("changed since the checkpoint"));
+    assert!(run.stderr.contains("--force"));
+    assert_eq!(field(&run, "restore_c"), "0");
+    assert_eq!(
+        field(&run, "c_read"),
+        pat,
+        "the stopped VM's disk, restored"
+    );
+    assert_eq!(field(&run, "stop"), "0");
+    assert_eq!(field(&run, "restore_changed"), "125");
+}

@@ -225,8 +225,10 @@ pub fn restore_named(
 ) -> anyhow::Result<i32> {
     let checkpoint = std::path::absolute(checkpoint)
         .with_context(|| format!("cannot resolve {}", checkpoint.display()))?;
-    let saved = vhpc_vmm::snapshot::Checkpoint::load(&checkpoint)
+    // Refuse a checkpoint that cannot be restored here before making a state directory.
+    let chain = vhpc_vmm::snapshot::preflight(&checkpoint, force)
         .with_context(|| format!("cannot restore {}", checkpoint.display()))?;
+    let saved = chain.last().context("an empty checkpoint chain")?;
     let runtime = Runtime::from_env();
     let (dir, lock) = runtime.create(name)?;
     let spec = VmSpec {
@@ -249,9 +251,8 @@ pub fn restore_named(
     drop(lock);
     wait_until_ready(&dir, &mut child, timeout)?;
     eprintln!(
-        "vhpc: VM {name} restored from {} and running (its memory is mapped from {}: keep that file while the VM runs)",
-        checkpoint.display(),
-        checkpoint.join("memory.raw").display()
+        "vhpc: VM {name} restored from {} and running (its memory is mapped from the checkpoint: keep it, and the chain it ends, while the VM runs)",
+        checkpoint.display()
     );
     Ok(0)
 }

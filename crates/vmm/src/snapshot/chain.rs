@@ -207,24 +207,30 @@ pub struct RestoreOptions {
     pub prefault: bool,
 }
 
-/// A new VM from the checkpoint (chain) at `dir`, ready to [`Vm::start`]. Its memory is the
-/// base image mapped copy-on-write: nothing is read until the guest touches it.
-pub fn restore(dir: &Path, io: VmIo, opts: RestoreOptions) -> Result<Vm, SnapshotError> {
+/// Loads the chain ending at `dir` and checks that it can be restored here: the host's CPU
+/// model and every disk are as the checkpoint recorded them (unless `force`).
+pub fn preflight(dir: &Path, force: bool) -> Result<Vec<Checkpoint>, SnapshotError> {
     let chain = load_chain(dir)?;
     let last = chain.last().ok_or_else(|| broken(dir, "empty".into()))?;
     let here = super::HostInfo::current();
     let saved = &last.body.meta.host;
-    if saved.cpu_model != here.cpu_model && !opts.force {
+    if saved.cpu_model != here.cpu_model && !force {
         return Err(SnapshotError::HostMismatch {
             saved: saved.cpu_model.clone(),
             here: here.cpu_model,
         });
     }
-    if !opts.force
-        && let Some(change) = last.body.disks.iter().find_map(|d| d.changed())
-    {
+    if !force && let Some(change) = last.body.disks.iter().find_map(|d| d.changed()) {
         return Err(SnapshotError::DiskChanged(change));
     }
+    Ok(chain)
+}
+
+/// A new VM from the checkpoint (chain) at `dir`, ready to [`Vm::start`]. Its memory is the
+/// base image mapped copy-on-write: nothing is read until the guest touches it.
+pub fn restore(dir: &Path, io: VmIo, opts: RestoreOptions) -> Result<Vm, SnapshotError> {
+    let chain = preflight(dir, opts.force)?;
+    let last = chain.last().ok_or_else(|| broken(dir, "empty".into()))?;
     let machine = last.machine()?;
     let mem = map_chain(&chain, opts.prefault)?;
     let mut config = last.body.config.clone();

@@ -24,7 +24,8 @@ use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
 pub use chain::{
-    Checkpoint, Inspection, RestoreOptions, inspect, load_chain, map_chain, merge, restore,
+    Checkpoint, Inspection, RestoreOptions, inspect, load_chain, map_chain, merge, preflight,
+    restore,
 };
 pub use format::{FormatError, HostInfo, StateBody};
 

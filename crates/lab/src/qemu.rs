@@ -21,6 +21,9 @@ pub struct LabHost {
     pub with_qemu: bool,
     /// Copy the host's console to stderr as it runs.
     pub show_console: bool,
+    /// Raw images attached as virtio disks (/dev/vda, /dev/vdb, ... in the host), each behind
+    /// a copy-on-write overlay QEMU discards at exit: the files here are never changed.
+    pub disks: Vec<PathBuf>,
     pub timeout: Duration,
 }
 
@@ -82,6 +85,15 @@ impl LabHost {
         if which(QEMU).is_none() {
             return Err(LabError::MissingTool(QEMU, "qemu-system-x86"));
         }
+        for disk in &self.disks {
+            if !disk.is_file() {
+                return Err(LabError::MissingInput {
+                    what: "the disk image",
+                    path: disk.clone(),
+                    fix: "vhpc image rootfs",
+                });
+            }
+        }
         let work = WorkDir::new()?;
         let initrd = work.0.join("host.cpio");
         let argv = vec![
@@ -130,6 +142,11 @@ impl LabHost {
             .arg("-serial")
             .arg(format!("file:{}", console_log.display()))
             .args(["-serial", "stdio"])
+            .args(
+                self.disks
+                    .iter()
+                    .flat_map(|d| ["-drive".into(), drive_arg(d)]),
+            )
             .stdin(Stdio::null())
             .stdout(Stdio::piped())
             .stderr(Stdio::inherit());
@@ -191,6 +208,13 @@ impl LabHost {
     }
 }
 
+/// QEMU's `-drive` value for a lab disk: raw, virtio, with a throwaway overlay (`snapshot=on`)
+/// so the host's writes never reach the image. Commas in the path are doubled (QEMU's escape).
+fn drive_arg(image: &Path) -> String {
+    let path = image.to_string_lossy().replace(',', ",,");
+    format!("file={path},format=raw,if=virtio,snapshot=on")
+}
+
 /// Copies console bytes past `from` to stderr; returns the new position.
 fn copy_new_console(path: &Path, from: u64) -> u64 {
     use std::io::Seek;
@@ -204,4 +228,17 @@ fn copy_new_console(path: &Path, from: u64) -> u64 {
     let n = f.read_to_end(&mut buf).unwrap_or(0);
     let _ = std::io::stderr().write_all(&buf[..n]);
     from + n as u64
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn lab_disks_are_copy_on_write_and_escaped() {
+        assert_eq!(
+            drive_arg(Path::new("/c/a,b.img")),
+            "file=/c/a,,b.img,format=raw,if=virtio,snapshot=on"
+        );
+    }
 }

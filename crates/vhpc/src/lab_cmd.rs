@@ -18,6 +18,7 @@ pub fn run(cmd: LabCommand) -> anyhow::Result<i32> {
         memory_mib: args.memory,
         with_qemu: args.with_qemu,
         show_console: args.console,
+        disks: args.disks,
         timeout: Duration::from_secs(args.timeout),
     };
     let report = AgentReport::default();

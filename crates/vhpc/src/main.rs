@@ -11,6 +11,7 @@ mod exit_codes;
 mod image_cmd;
 mod lab_cmd;
 mod relay;
+mod rootfs_arg;
 mod run_cmd;
 mod snapshot_cmd;
 mod vm;

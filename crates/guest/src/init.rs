@@ -136,6 +136,7 @@ fn ensure_std_fds() {
 fn power_off() -> ! {
     // SAFETY: sync has no preconditions.
     unsafe { libc::sync() };
+    switch_root::remount_root_read_only();
     // SAFETY: reboot with a valid command constant; as pid 1 with CAP_SYS_BOOT it does not
     // return on success.
     unsafe { libc::reboot(libc::RB_POWER_OFF) };

@@ -39,6 +39,11 @@ pub enum SwitchRootError {
         source: io::Error,
     },
     #[error(
+        "cannot mount the read-only root device {0}: its ext4 journal needs recovery (the last \
+         guest that wrote it did not shut down cleanly); boot it read-write once"
+    )]
+    NeedsRecovery(String),
+    #[error(
         "the root file system on {0} has no /bin/sh; is it an image built by `vhpc image rootfs`?"
     )]
     NotARoot(String),
@@ -151,6 +156,10 @@ fn mount_root(device: &str) -> Result<bool, SwitchRootError> {
         }
         last = io::Error::last_os_error();
         let readonly_disk = matches!(last.raw_os_error(), Some(libc::EROFS | libc::EACCES));
+        if read_only && last.raw_os_error() == Some(libc::EROFS) {
+            // ext4 refuses a read-only mount only when its journal must be replayed first.
+            return Err(SwitchRootError::NeedsRecovery(device.to_owned()));
+        }
         if !readonly_disk {
             break;
         }
@@ -191,6 +200,30 @@ fn umount(path: &str) -> io::Result<()> {
         return Err(io::Error::last_os_error());
     }
     Ok(())
+}
+
+/// Remounts `/` read-only before power-off, so a root disk is left clean (an ext4 journal
+/// that needs no recovery; a read-only disk could not recover it at the next boot). Fails
+/// harmlessly (EBUSY) while some process still holds a file open for writing.
+pub fn remount_root_read_only() {
+    let root = c"/";
+    // SAFETY: `root` is a valid NUL-terminated string; with MS_REMOUNT the source, type and
+    // data arguments are ignored and may be null.
+    let rc = unsafe {
+        libc::mount(
+            std::ptr::null(),
+            root.as_ptr(),
+            std::ptr::null(),
+            libc::MS_REMOUNT | libc::MS_RDONLY,
+            std::ptr::null(),
+        )
+    };
+    if rc != 0 {
+        let err = io::Error::last_os_error();
+        crate::kmsg::warn(&format!(
+            "cannot remount / read-only before power-off: {err}"
+        ));
+    }
 }
 
 /// Deletes the initramfs' files to give their memory back: everything under `dir` on the

@@ -171,6 +171,27 @@ pub struct RootfsArgs {
 pub enum LabCommand {
     /// Boot an emulated host, run SHELL-COMMAND in it with /bin/sh, relay output and status.
     Run(LabRunArgs),
+    /// Inside a multi-host lab: run CMD on host K over the lab network; its stdout, stderr
+    /// and exit status come back here.
+    On(LabOnArgs),
+    /// The command service every host of a multi-host lab runs (started by `lab run`).
+    #[command(hide = true)]
+    Serve {
+        #[arg(long, default_value_t = vhpc_lab::network::COMMAND_PORT)]
+        port: u16,
+    },
+}
+
+#[derive(Args)]
+pub struct LabOnArgs {
+    /// The host: 1..N (hostK, address 10.0.2.(10+K)).
+    pub host: u32,
+    /// Seconds to keep trying to reach the host (it may still be booting).
+    #[arg(long, default_value_t = 300)]
+    pub wait: u64,
+    /// The command to run there.
+    #[arg(last = true, required = true)]
+    pub command: Vec<String>,
 }
 
 #[derive(Args)]
@@ -178,6 +199,10 @@ pub struct LabRunArgs {
     /// vCPUs of the emulated host.
     #[arg(long, default_value_t = 2)]
     pub smp: u32,
+    /// Emulated hosts on one lab network (1-8): hostK at 10.0.2.(10+K); SHELL-COMMAND runs
+    /// on host1 and reaches the others with `vhpc lab on K -- CMD`.
+    #[arg(long, default_value_t = 1)]
+    pub hosts: u32,
     /// Memory of the emulated host in MiB.
     #[arg(long, default_value_t = 2048)]
     pub memory: u64,

@@ -10,6 +10,7 @@ mod cli;
 mod exit_codes;
 mod image_cmd;
 mod lab_cmd;
+mod lab_on;
 mod relay;
 mod rootfs_arg;
 mod run_cmd;

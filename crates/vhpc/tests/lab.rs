@@ -414,3 +414,44 @@ vhpc vm stop deb; echo vm_stop=$?"#,
     );
     assert_eq!(field(&run, "vm_stop"), "0");
 }
+
+/// `vhpc lab run --hosts 2`: two emulated hosts on one lab network; host 1 runs commands on
+/// host 2 with `vhpc lab on 2` (output, stderr and exit status relayed) and pings it.
+#[test]
+#[ignore = "lab test: boots emulated hosts; run by scripts/test.sh"]
+fn two_lab_hosts_on_one_network() {
+    let run = lab_with_args(
+        1,
+        900,
+        &["--hosts", "2", "--memory", "768"],
+        "vhpc lab on 2 -- hostname; echo st=$?; \
+         vhpc lab on 2 -- sh -c 'echo to-err >&2; exit 5'; echo st5=$?; \
+         ping -c1 10.0.2.12 > /dev/null; echo ping=$?; ping -c1 host2 > /dev/null; echo ping_name=$?; \
+         echo self=$(hostname); vhpc lab on 1 -- hostname | sed 's/^/on1: /'; \
+         vhpc lab on 2 -- ip -4 addr show eth0 | grep -o 'inet [0-9./]*' | sed 's/^/addr2: /'; \
+         vhpc lab on 3 --wait 2 -- true; echo absent=$?",
+    );
+    assert_eq!(run.status, 0);
+    assert!(
+        run.stdout.lines().any(|l| l == "host2"),
+        "hostname of host 2"
+    );
+    assert_eq!(field(&run, "st"), "0");
+    assert_eq!(field(&run, "st5"), "5", "exit status relayed");
+    assert!(run.stderr.lines().any(|l| l == "to-err"), "stderr relayed");
+    assert_eq!(field(&run, "ping"), "0");
+    assert_eq!(field(&run, "ping_name"), "0", "host2 is in /etc/hosts");
+    assert_eq!(field(&run, "self"), "host1");
+    assert!(run.stdout.lines().any(|l| l == "on1: host1"));
+    assert!(run.stdout.lines().any(|l| l == "addr2: inet 10.0.2.12/24"));
+    assert_eq!(
+        field(&run, "absent"),
+        "125",
+        "a host that is not there is an error"
+    );
+    assert!(
+        run.stderr.contains("cannot reach lab host 3"),
+        "{}",
+        run.stderr
+    );
+}

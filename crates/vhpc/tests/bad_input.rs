@@ -183,3 +183,45 @@ fn image_rootfs_arguments_are_checked_first() {
         "the existing file is untouched"
     );
 }
+
+/// `vhpc lab` refuses bad input before it boots anything.
+#[test]
+fn lab_arguments_are_checked_before_booting() {
+    let vhpc = |args: &[&str]| {
+        let start = Instant::now();
+        let out = Command::new(env!("CARGO_BIN_EXE_vhpc"))
+            .args(args)
+            .output()
+            .expect("run vhpc");
+        assert!(
+            start.elapsed() < Duration::from_secs(15),
+            "{args:?} must fail at once"
+        );
+        let stderr = String::from_utf8_lossy(&out.stderr).into_owned();
+        eprintln!("vhpc {args:?}: {stderr}");
+        (out.status.code().unwrap_or(-1), stderr)
+    };
+    let (status, stderr) = vhpc(&["lab", "on", "0", "--", "true"]);
+    assert_eq!(status, VHPC_ERROR);
+    assert!(
+        stderr.contains("no lab host 0: hosts are numbered 1 to 8"),
+        "{stderr}"
+    );
+    assert!(
+        Path::new("/usr/bin/qemu-system-x86_64").exists(),
+        "this test needs qemu-system-x86_64 (apt-get install qemu-system-x86, or run \
+         scripts/setup.sh)"
+    );
+    let (status, stderr) = vhpc(&["lab", "run", "--disk", "/nonexistent/r.img", "--", "true"]);
+    assert_eq!(status, VHPC_ERROR);
+    assert!(
+        stderr.contains("the disk image /nonexistent/r.img is missing"),
+        "{stderr}"
+    );
+    let (status, stderr) = vhpc(&["lab", "run", "--hosts", "9", "--", "true"]);
+    assert_eq!(status, VHPC_ERROR);
+    assert!(
+        stderr.contains("--hosts 9: a lab has 1 to 8 hosts"),
+        "{stderr}"
+    );
+}

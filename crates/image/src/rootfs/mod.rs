@@ -253,6 +253,16 @@ mod tests {
     use super::*;
 
     #[test]
+    fn a_missing_tool_names_its_package() {
+        let err = find_tool("vhpc-no-such-tool", "some-package").unwrap_err();
+        assert_eq!(
+            err.to_string(),
+            "vhpc-no-such-tool not found: install it with `apt-get install some-package` (or \
+             run scripts/setup.sh)"
+        );
+    }
+
+    #[test]
     fn a_given_size_must_hold_the_content() {
         let content = size::Content {
             data_bytes: 300 << 20,

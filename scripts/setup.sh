@@ -1,11 +1,12 @@
 #!/usr/bin/env bash
 # Everything vhpc needs on a fresh Debian 12 machine: Debian packages, the static `vhpc`
-# binary, the guest kernel (Debian's cloud kernel) and the default guest initramfs.
+# binary, the guest kernel (Debian's cloud kernel), the default guest initramfs and the
+# default root file system image (Debian 12 + openmpi-bin, for `vhpc run --rootfs`).
 # Idempotent: what is already there is kept. Usage: bash scripts/setup.sh
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
-packages=(qemu-system-x86 busybox-static cpio)
+packages=(qemu-system-x86 busybox-static cpio debootstrap e2fsprogs)
 missing=()
 for p in "${packages[@]}"; do
     dpkg -s "$p" >/dev/null 2>&1 || missing+=("$p")
@@ -28,4 +29,16 @@ ln -sf x86_64-unknown-linux-gnu/release/vhpc target/vhpc
 
 target/vhpc image kernel >/dev/null
 target/vhpc image initramfs >/dev/null
+# Cached under a name that is the hash of its package set: built once (1-3 min: debootstrap
+# downloads ~130 packages), then kept. Needs root (debootstrap chroots): through sudo, into
+# this user's cache, owned by this user.
+if [ -z "$sudo" ]; then
+    target/vhpc image rootfs >/dev/null
+else
+    cache="${VHPC_CACHE_DIR:-}"
+    [ -n "$cache" ] || cache="${XDG_CACHE_HOME:+$XDG_CACHE_HOME/vhpc}"
+    [ -n "$cache" ] || cache="$HOME/.cache/vhpc"
+    image=$($sudo env VHPC_CACHE_DIR="$cache" target/vhpc image rootfs)
+    $sudo chown "$(id -u):$(id -g)" "$image"
+fi
 echo "setup: done; the binary is target/vhpc" >&2

@@ -1,5 +1,6 @@
-//! The pid-1 flow: set up the system, run the one command (or, with `vhpc.agent=serve` on the
-//! kernel command line, serve requests until asked to stop), report it, power off.
+//! The pid-1 flow: set up the system, switch to a root disk if `vhpc.root=` asks for one, run
+//! the one command (or, with `vhpc.agent=serve` on the kernel command line, serve requests
+//! until asked to stop), report it, power off.
 
 use std::io;
 use std::path::Path;
@@ -9,8 +10,13 @@ use thiserror::Error;
 use crate::kmsg;
 use crate::protocol::{AGENT_TTY, COMMAND_PATH, Frame, LOAD_ORDER_PATH, decode_argv};
 use crate::relay::{self, Reap, RelayError};
+use crate::switch_root::{self, SwitchRootError};
 use crate::tty::{self, TtyError};
 use crate::{modules, mounts, serve};
+
+/// The status reported when the guest cannot even start the command (its root disk failed):
+/// the same "vhpc error" status the host's `vhpc` uses for its own failures.
+const SETUP_FAILED: i32 = 125;
 
 #[derive(Debug, Error)]
 pub enum InitError {
@@ -20,6 +26,8 @@ pub enum InitError {
     Relay(#[from] RelayError),
     #[error(transparent)]
     Serve(#[from] serve::ServeError),
+    #[error(transparent)]
+    SwitchRoot(#[from] SwitchRootError),
     #[error("cannot flush the agent serial port: {0}")]
     Drain(#[source] io::Error),
 }
@@ -49,19 +57,33 @@ pub fn run_init() -> ! {
     power_off()
 }
 
-/// Opens the agent channel, runs the command and reports its output and status.
+/// Opens the agent channel, switches to the root disk if asked, runs the command and reports
+/// its output and status.
 fn agent() -> Result<(), InitError> {
-    let mut tty = tty::open_raw(Path::new(AGENT_TTY))?;
     let cmdline = std::fs::read_to_string("/proc/cmdline").unwrap_or_default();
-    if serve::requested(&cmdline) {
-        serve::serve(&mut tty)?;
+    let serving = serve::requested(&cmdline);
+    // Both come from the initramfs, which a switch to the root disk empties: the command file,
+    // and the tty (its fd stays valid when /dev moves into the new root).
+    let command = (!serving).then(read_command);
+    let mut tty = tty::open_raw(Path::new(AGENT_TTY))?;
+    if let Some(device) = switch_root::requested_device(&cmdline)
+        && let Err(err) = switch_root::switch_to(device)
+    {
+        if serving {
+            return Err(err.into());
+        }
+        let msg = format!("cannot boot from the root disk: {err}");
+        kmsg::error(&msg);
+        relay::send(&mut tty, &Frame::Error(msg))?;
+        relay::send(&mut tty, &Frame::Exit(SETUP_FAILED))?;
         return tty::drain(&tty).map_err(InitError::Drain);
     }
-    match read_command() {
-        Ok(argv) => {
+    match command {
+        None => serve::serve(&mut tty)?,
+        Some(Ok(argv)) => {
             relay::run_command(&argv, &mut tty, Reap::All)?;
         }
-        Err(msg) => {
+        Some(Err(msg)) => {
             kmsg::error(&msg);
             relay::send(&mut tty, &Frame::Error(msg))?;
             relay::send(&mut tty, &Frame::Exit(127))?;
@@ -114,6 +136,7 @@ fn ensure_std_fds() {
 fn power_off() -> ! {
     // SAFETY: sync has no preconditions.
     unsafe { libc::sync() };
+    switch_root::remount_root_read_only();
     // SAFETY: reboot with a valid command constant; as pid 1 with CAP_SYS_BOOT it does not
     // return on success.
     unsafe { libc::reboot(libc::RB_POWER_OFF) };

@@ -6,6 +6,8 @@
 //! status as [`protocol::Frame`]s over [`protocol::AGENT_TTY`], and powers the machine off.
 //! With [`protocol::SERVE_FLAG`] on the kernel command line it instead serves
 //! [`protocol::session`] requests (exec, health, power-off) until asked to power off.
+//! With [`protocol::ROOT_FLAG`] it first makes a disk the root file system (stage one of a
+//! two-stage boot: the initramfs loads the drivers, the disk holds the distribution).
 //! The same agent serves as `/init` of the lab's emulated hosts.
 
 mod init;
@@ -15,6 +17,7 @@ mod mounts;
 pub mod protocol;
 pub mod relay;
 mod serve;
+mod switch_root;
 mod tty;
 
 pub use init::{InitError, run_init};

@@ -25,6 +25,10 @@ pub mod session;
 /// instead of running [`COMMAND_PATH`] once (`vhpc vm start` sets it).
 pub const SERVE_FLAG: &str = "vhpc.agent=serve";
 
+/// On the guest kernel's command line as `vhpc.root=DEVICE`: /init mounts DEVICE (ext4) and
+/// runs the command or the serve agent inside it (`vhpc run --rootfs IMG` sets it).
+pub const ROOT_FLAG: &str = "vhpc.root";
+
 /// First byte of every frame.
 pub const MAGIC: u8 = 0xA5;
 /// Largest payload one frame carries.

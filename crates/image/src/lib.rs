@@ -13,3 +13,4 @@ pub mod cpio;
 pub mod initramfs;
 pub mod kernel;
 pub mod modules;
+pub mod rootfs;

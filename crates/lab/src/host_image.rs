@@ -13,8 +13,10 @@ use vhpc_image::initramfs;
 
 use crate::LabError;
 
-/// Modules the emulated host loads (their dependencies are resolved from the modules).
-pub const HOST_MODULES: &[&str] = &["kvm-amd"];
+/// Modules the emulated host loads (their dependencies are resolved from the modules):
+/// KVM, virtio-blk for the disks `vhpc lab run --disk` attaches, virtio-net for the lab
+/// network of `--hosts N`.
+pub const HOST_MODULES: &[&str] = &["kvm-amd", "virtio_pci", "virtio_blk", "virtio_net"];
 
 /// Where the guest kernel and initramfs go inside the host: the cache of root's home.
 const HOST_CACHE_DIR: &str = "root/.cache/vhpc";

@@ -3,9 +3,13 @@
 //!
 //! An emulated host's /init is the same `vhpc` agent the VMM's guests use: the shell command
 //! travels in an appended cpio archive, its output and status come back framed on the host's
-//! second serial port (QEMU's stdout here), and the console goes to a log file.
+//! second serial port (QEMU's stdout here), and the console goes to a log file. Several hosts
+//! can share one lab network ([`network`]) and run commands on each other
+//! ([`command_service`]).
 
+pub mod command_service;
 mod host_image;
+pub mod network;
 mod qemu;
 
 pub use host_image::{HOST_MODULES, build_host_initramfs};
@@ -28,6 +32,10 @@ pub enum LabError {
         what: String,
         source: std::io::Error,
     },
+    #[error("--hosts {0}: a lab has 1 to 8 hosts")]
+    Hosts(u32),
+    #[error("no free UDP ports on 127.0.0.1 for the lab network; try again")]
+    NoPorts,
     #[error("the emulated host (QEMU) failed to start: {0}")]
     Qemu(String),
 }

@@ -11,6 +11,7 @@ use vhpc_image::cache::Cache;
 
 use crate::LabError;
 use crate::host_image::build_host_initramfs;
+use crate::network::{COMMAND_PORT, LabNetwork};
 
 /// One emulated host's shape.
 #[derive(Clone, Debug)]
@@ -21,6 +22,11 @@ pub struct LabHost {
     pub with_qemu: bool,
     /// Copy the host's console to stderr as it runs.
     pub show_console: bool,
+    /// Emulated hosts on one lab network ([`crate::network`]); the command runs on host 1.
+    pub hosts: u32,
+    /// Raw images attached as virtio disks (/dev/vda, /dev/vdb, ... in the host), each behind
+    /// a copy-on-write overlay QEMU discards at exit: the files here are never changed.
+    pub disks: Vec<PathBuf>,
     pub timeout: Duration,
 }
 
@@ -69,8 +75,9 @@ fn which(tool: &str) -> Option<PathBuf> {
 }
 
 impl LabHost {
-    /// Boots the emulated host, runs `shell_command` in it with /bin/sh, streams the agent
-    /// channel into `agent`, and returns when the host has powered off (or timed out).
+    /// Boots the emulated host(s), runs `shell_command` with /bin/sh on host 1, streams its
+    /// agent channel into `agent`, and returns when host 1 has powered off (or timed out);
+    /// the other hosts are then stopped. Every host serves `vhpc lab on K` commands.
     pub fn run(
         &self,
         cache: &Cache,
@@ -82,21 +89,79 @@ impl LabHost {
         if which(QEMU).is_none() {
             return Err(LabError::MissingTool(QEMU, "qemu-system-x86"));
         }
+        for disk in &self.disks {
+            if !disk.is_file() {
+                return Err(LabError::MissingInput {
+                    what: "the disk image",
+                    path: disk.clone(),
+                    fix: "vhpc image rootfs",
+                });
+            }
+        }
+        let network = LabNetwork::new(self.hosts)?;
         let work = WorkDir::new()?;
+        let mut others = Others(Vec::new());
+        for k in 2..=self.hosts {
+            // The other hosts only configure their network and serve commands.
+            let script = format!(
+                "{}exec vhpc lab serve --port {COMMAND_PORT}",
+                network.setup_script(k)
+            );
+            let initrd = work.0.join(format!("host{k}.cpio"));
+            build_host_initramfs(
+                cache,
+                vhpc_binary,
+                self.with_qemu,
+                &sh(&script),
+                &initrd,
+                progress,
+            )?;
+            let agent_out = Stdio::from(
+                std::fs::File::create(work.0.join(format!("agent{k}.log")))
+                    .map_err(LabError::io("cannot create a lab log file"))?,
+            );
+            let console = work.0.join(format!("console{k}.log"));
+            others.0.push(self.spawn(
+                &cache.kernel_path(),
+                &initrd,
+                &console,
+                agent_out,
+                &network.qemu_args(k),
+                false,
+            )?);
+        }
+        let script = if self.hosts == 1 {
+            shell_command.to_string()
+        } else {
+            format!(
+                "{}vhpc lab serve --port {COMMAND_PORT} >/dev/null 2>&1 &\n{shell_command}",
+                network.setup_script(1)
+            )
+        };
         let initrd = work.0.join("host.cpio");
-        let argv = vec![
-            "/bin/sh".to_string(),
-            "-c".to_string(),
-            shell_command.to_string(),
-        ];
-        build_host_initramfs(cache, vhpc_binary, self.with_qemu, &argv, &initrd, progress)?;
+        build_host_initramfs(
+            cache,
+            vhpc_binary,
+            self.with_qemu,
+            &sh(&script),
+            &initrd,
+            progress,
+        )?;
         let console_log = work.0.join("console.log");
         progress(&format!(
-            "booting an emulated host ({} vCPUs, {} MiB)",
-            self.smp, self.memory_mib
+            "booting {} emulated host(s) ({} vCPUs, {} MiB each)",
+            self.hosts, self.smp, self.memory_mib
         ));
-        let mut child = self.spawn(&cache.kernel_path(), &initrd, &console_log)?;
+        let mut child = self.spawn(
+            &cache.kernel_path(),
+            &initrd,
+            &console_log,
+            Stdio::piped(),
+            &network.qemu_args(1),
+            true,
+        )?;
         let outcome = self.supervise(&mut child, agent, &console_log);
+        drop(others);
         if outcome == LabOutcome::TimedOut {
             let _ = std::fs::copy(
                 &console_log,
@@ -106,7 +171,15 @@ impl LabHost {
         Ok(outcome)
     }
 
-    fn spawn(&self, kernel: &Path, initrd: &Path, console_log: &Path) -> Result<Child, LabError> {
+    fn spawn(
+        &self,
+        kernel: &Path,
+        initrd: &Path,
+        console_log: &Path,
+        agent_out: Stdio,
+        network_args: &[String],
+        with_disks: bool,
+    ) -> Result<Child, LabError> {
         let mut cmd = Command::new(QEMU);
         cmd.args(["-machine", "q35,accel=tcg", "-cpu", "max"])
             .args([
@@ -130,9 +203,17 @@ impl LabHost {
             .arg("-serial")
             .arg(format!("file:{}", console_log.display()))
             .args(["-serial", "stdio"])
+            .args(network_args)
             .stdin(Stdio::null())
-            .stdout(Stdio::piped())
+            .stdout(agent_out)
             .stderr(Stdio::inherit());
+        if with_disks {
+            cmd.args(
+                self.disks
+                    .iter()
+                    .flat_map(|d| ["-drive".into(), drive_arg(d)]),
+            );
+        }
         cmd.spawn().map_err(|e| LabError::Qemu(e.to_string()))
     }
 
@@ -191,6 +272,30 @@ impl LabHost {
     }
 }
 
+/// `/bin/sh -c SCRIPT`.
+fn sh(script: &str) -> Vec<String> {
+    vec!["/bin/sh".into(), "-c".into(), script.into()]
+}
+
+/// The QEMU processes of hosts 2..N: killed and reaped when host 1 is done (or on error).
+struct Others(Vec<Child>);
+
+impl Drop for Others {
+    fn drop(&mut self) {
+        for child in &mut self.0 {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+    }
+}
+
+/// QEMU's `-drive` value for a lab disk: raw, virtio, with a throwaway overlay (`snapshot=on`)
+/// so the host's writes never reach the image. Commas in the path are doubled (QEMU's escape).
+fn drive_arg(image: &Path) -> String {
+    let path = image.to_string_lossy().replace(',', ",,");
+    format!("file={path},format=raw,if=virtio,snapshot=on")
+}
+
 /// Copies console bytes past `from` to stderr; returns the new position.
 fn copy_new_console(path: &Path, from: u64) -> u64 {
     use std::io::Seek;
@@ -204,4 +309,17 @@ fn copy_new_console(path: &Path, from: u64) -> u64 {
     let n = f.read_to_end(&mut buf).unwrap_or(0);
     let _ = std::io::stderr().write_all(&buf[..n]);
     from + n as u64
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn lab_disks_are_copy_on_write_and_escaped() {
+        assert_eq!(
+            drive_arg(Path::new("/c/a,b.img")),
+            "file=/c/a,,b.img,format=raw,if=virtio,snapshot=on"
+        );
+    }
 }

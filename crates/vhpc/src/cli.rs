@@ -15,7 +15,7 @@ pub struct Cli {
 pub enum Command {
     /// Boot a fresh VM, run a command in it, print its output and exit with its status.
     Run(RunArgs),
-    /// Build guest images: the kernel and the initramfs.
+    /// Build guest images: the kernel, the initramfs, root file systems.
     #[command(subcommand)]
     Image(ImageCommand),
     /// The nested-KVM test lab: emulated hosts (QEMU TCG with nested SVM).
@@ -163,6 +163,10 @@ pub struct RunArgs {
     /// `,ro` makes it read-only.
     #[arg(long = "disk", value_name = "PATH[,ro]")]
     pub disks: Vec<vhpc_api::DiskConfig>,
+    /// Boot with this ext4 image (`vhpc image rootfs`) as the root file system: it becomes
+    /// /dev/vda (before any --disk) and CMD runs inside it; `,ro` mounts it read-only.
+    #[arg(long, value_name = "IMG[,ro]")]
+    pub rootfs: Option<vhpc_api::DiskConfig>,
     /// The command to run in the guest.
     #[arg(last = true, required = true)]
     pub command: Vec<String>,
@@ -181,6 +185,10 @@ pub enum ImageCommand {
         #[arg(long, default_value = "/bin/busybox")]
         busybox: PathBuf,
     },
+    /// Build an ext4 root file system image from Debian bookworm packages (debootstrap
+    /// minbase + packages + the vhpc agent); needs root, debootstrap and e2fsprogs. Prints the
+    /// image's path.
+    Rootfs(RootfsArgs),
     /// Write vhpc's freestanding test guest (a PVH ELF that runs on any KVM) to a file.
     TestGuest {
         /// Output file.
@@ -189,10 +197,54 @@ pub enum ImageCommand {
     },
 }
 
+#[derive(Args)]
+pub struct RootfsArgs {
+    /// Extra Debian packages, comma-separated (repeatable); added to the default set
+    /// (openmpi-bin) unless --no-default-packages.
+    #[arg(long, value_name = "A,B,...")]
+    pub packages: Vec<String>,
+    /// Leave out the default packages: minbase plus --packages only.
+    #[arg(long)]
+    pub no_default_packages: bool,
+    /// Image size in GiB (may be fractional); default: the content plus headroom.
+    #[arg(long, value_name = "GIB")]
+    pub size: Option<f64>,
+    /// Debian mirror; default: the one apt's sources name for bookworm, else deb.debian.org.
+    #[arg(long, value_name = "URL")]
+    pub mirror: Option<String>,
+    /// Rebuild even if the output exists.
+    #[arg(long)]
+    pub force: bool,
+    /// Output image; default: rootfs-<hash of the package set>.img in the cache, kept and
+    /// reused if it is already there.
+    pub out: Option<PathBuf>,
+}
+
 #[derive(Subcommand)]
 pub enum LabCommand {
     /// Boot an emulated host, run SHELL-COMMAND in it with /bin/sh, relay output and status.
     Run(LabRunArgs),
+    /// Inside a multi-host lab: run CMD on host K over the lab network; its stdout, stderr
+    /// and exit status come back here.
+    On(LabOnArgs),
+    /// The command service every host of a multi-host lab runs (started by `lab run`).
+    #[command(hide = true)]
+    Serve {
+        #[arg(long, default_value_t = vhpc_lab::network::COMMAND_PORT)]
+        port: u16,
+    },
+}
+
+#[derive(Args)]
+pub struct LabOnArgs {
+    /// The host: 1..N (hostK, address 10.0.2.(10+K)).
+    pub host: u32,
+    /// Seconds to keep trying to reach the host (it may still be booting).
+    #[arg(long, default_value_t = 300)]
+    pub wait: u64,
+    /// The command to run there.
+    #[arg(last = true, required = true)]
+    pub command: Vec<String>,
 }
 
 #[derive(Args)]
@@ -200,6 +252,10 @@ pub struct LabRunArgs {
     /// vCPUs of the emulated host.
     #[arg(long, default_value_t = 2)]
     pub smp: u32,
+    /// Emulated hosts on one lab network (1-8): hostK at 10.0.2.(10+K); SHELL-COMMAND runs
+    /// on host1 and reaches the others with `vhpc lab on K -- CMD`.
+    #[arg(long, default_value_t = 1)]
+    pub hosts: u32,
     /// Memory of the emulated host in MiB.
     #[arg(long, default_value_t = 2048)]
     pub memory: u64,
@@ -212,6 +268,11 @@ pub struct LabRunArgs {
     /// Stop the emulated host (exit status 124) after this many seconds.
     #[arg(long, default_value_t = 1800)]
     pub timeout: u64,
+    /// Attach a raw image to the emulated host as a virtio disk (repeatable: /dev/vda,
+    /// /dev/vdb, ... there), behind a copy-on-write overlay: the file is never changed.
+    /// E.g. a root file system: `--disk IMG -- vhpc run --rootfs /dev/vda -- CMD`.
+    #[arg(long = "disk", value_name = "IMG")]
+    pub disks: Vec<PathBuf>,
     /// The shell command to run in the emulated host.
     #[arg(last = true, required = true)]
     pub command: Vec<String>,

@@ -11,13 +11,22 @@ use crate::exit_codes;
 use crate::relay::{AgentRelay, AgentReport};
 
 pub fn run(cmd: LabCommand) -> anyhow::Result<i32> {
-    let LabCommand::Run(args) = cmd;
+    let args = match cmd {
+        LabCommand::Run(args) => args,
+        LabCommand::On(args) => return crate::lab_on::run(args),
+        LabCommand::Serve { port } => {
+            vhpc_lab::command_service::serve(port)?;
+            return Ok(0);
+        }
+    };
     let me = std::env::current_exe().context("cannot find the vhpc binary to put into the lab")?;
     let host = LabHost {
         smp: args.smp,
         memory_mib: args.memory,
         with_qemu: args.with_qemu,
         show_console: args.console,
+        disks: args.disks,
+        hosts: args.hosts,
         timeout: Duration::from_secs(args.timeout),
     };
     let report = AgentReport::default();

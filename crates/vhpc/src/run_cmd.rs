@@ -74,11 +74,12 @@ fn is_freestanding(kernel: &Path) -> bool {
 
 fn vm_config(args: &RunArgs) -> anyhow::Result<VmConfig> {
     let kernel = kernel_or_default(args.kernel.as_deref())?;
+    let freestanding = is_freestanding(&kernel);
     let initramfs = match &args.initrd {
-        None if is_freestanding(&kernel) => None,
+        None if freestanding => None,
         initrd => Some(initramfs_or_default(initrd.as_deref())?),
     };
-    Ok(VmConfig {
+    let mut config = VmConfig {
         vcpus: args.vcpus,
         memory: MemoryConfig {
             size_mib: args.memory,
@@ -92,7 +93,14 @@ fn vm_config(args: &RunArgs) -> anyhow::Result<VmConfig> {
             .clone()
             .unwrap_or_else(|| default_cmdline(args.console)),
         disks: args.disks.clone(),
-    })
+    };
+    if let Some(rootfs) = &args.rootfs {
+        if freestanding {
+            bail!("--rootfs needs a Linux guest: a freestanding kernel runs no /init to mount it");
+        }
+        crate::rootfs_arg::attach(&mut config, rootfs)?;
+    }
+    Ok(config)
 }
 
 fn console_sink(args: &RunArgs) -> anyhow::Result<Box<dyn Write + Send>> {

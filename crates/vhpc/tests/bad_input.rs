@@ -115,3 +115,113 @@ fn malformed_numbers_are_rejected_by_the_parser() {
     assert_ne!(status, 0);
     assert!(stderr.contains("invalid value 'two'"), "{stderr}");
 }
+
+#[test]
+fn rootfs_that_is_missing_or_not_ext4() {
+    let kernel = temp_file(b"x");
+    let k = kernel.path().to_str().expect("utf-8 path");
+    let common = ["--kernel", k, "--initrd", "/dev/null"];
+    let with = |extra: &[&str]| -> Vec<String> {
+        common
+            .iter()
+            .chain(extra.iter())
+            .map(|s| s.to_string())
+            .collect()
+    };
+    let args = with(&["--rootfs", "/nonexistent/r.img"]);
+    let args: Vec<&str> = args.iter().map(String::as_str).collect();
+    assert_one_line_error(&args, "does not exist; build one with `vhpc image rootfs");
+    let not_ext4 = temp_file(&[0u8; 8192]);
+    let args = with(&["--rootfs", not_ext4.path().to_str().expect("utf-8 path")]);
+    let args: Vec<&str> = args.iter().map(String::as_str).collect();
+    assert_one_line_error(&args, "is not an ext4 file system image");
+    let (status, stderr) = vhpc_run(&["--rootfs", "x.img,rw"]);
+    assert_ne!(status, 0);
+    assert!(stderr.contains("unknown --disk option \"rw\""), "{stderr}");
+}
+
+/// `vhpc image rootfs` checks its arguments before it starts any build.
+#[test]
+fn image_rootfs_arguments_are_checked_first() {
+    let image_rootfs = |args: &[&str]| {
+        let out = Command::new(env!("CARGO_BIN_EXE_vhpc"))
+            .args(["image", "rootfs"])
+            .args(args)
+            .env("VHPC_CACHE_DIR", "/nonexistent/vhpc-cache")
+            .output()
+            .expect("run vhpc");
+        let stderr = String::from_utf8_lossy(&out.stderr).into_owned();
+        eprintln!("vhpc image rootfs {args:?}: {stderr}");
+        (out.status.code().unwrap_or(-1), stderr)
+    };
+    for (args, expected) in [
+        (
+            &["--packages", "openmpi-bin,Bad_Name"][..],
+            "invalid package name \"Bad_Name\"",
+        ),
+        (&["--size", "0.01"], "invalid --size 0.01"),
+        (&["--size", "lots"], "invalid value 'lots'"),
+        (&["--mirror", "deb.debian.org"], "invalid --mirror"),
+    ] {
+        let (status, stderr) = image_rootfs(args);
+        assert_ne!(status, 0, "{args:?}");
+        assert!(
+            stderr.contains(expected),
+            "{args:?}: expected {expected:?} in {stderr}"
+        );
+    }
+    let existing = temp_file(b"an image already");
+    let (status, stderr) = image_rootfs(&[existing.path().to_str().expect("utf-8 path")]);
+    assert_eq!(status, VHPC_ERROR);
+    assert!(
+        stderr.contains("already exists; remove it or pass --force"),
+        "{stderr}"
+    );
+    assert_eq!(
+        std::fs::read(existing.path()).expect("read"),
+        b"an image already",
+        "the existing file is untouched"
+    );
+}
+
+/// `vhpc lab` refuses bad input before it boots anything.
+#[test]
+fn lab_arguments_are_checked_before_booting() {
+    let vhpc = |args: &[&str]| {
+        let start = Instant::now();
+        let out = Command::new(env!("CARGO_BIN_EXE_vhpc"))
+            .args(args)
+            .output()
+            .expect("run vhpc");
+        assert!(
+            start.elapsed() < Duration::from_secs(15),
+            "{args:?} must fail at once"
+        );
+        let stderr = String::from_utf8_lossy(&out.stderr).into_owned();
+        eprintln!("vhpc {args:?}: {stderr}");
+        (out.status.code().unwrap_or(-1), stderr)
+    };
+    let (status, stderr) = vhpc(&["lab", "on", "0", "--", "true"]);
+    assert_eq!(status, VHPC_ERROR);
+    assert!(
+        stderr.contains("no lab host 0: hosts are numbered 1 to 8"),
+        "{stderr}"
+    );
+    assert!(
+        Path::new("/usr/bin/qemu-system-x86_64").exists(),
+        "this test needs qemu-system-x86_64 (apt-get install qemu-system-x86, or run \
+         scripts/setup.sh)"
+    );
+    let (status, stderr) = vhpc(&["lab", "run", "--disk", "/nonexistent/r.img", "--", "true"]);
+    assert_eq!(status, VHPC_ERROR);
+    assert!(
+        stderr.contains("the disk image /nonexistent/r.img is missing"),
+        "{stderr}"
+    );
+    let (status, stderr) = vhpc(&["lab", "run", "--hosts", "9", "--", "true"]);
+    assert_eq!(status, VHPC_ERROR);
+    assert!(
+        stderr.contains("--hosts 9: a lab has 1 to 8 hosts"),
+        "{stderr}"
+    );
+}

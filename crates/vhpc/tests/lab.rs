@@ -23,6 +23,11 @@ fn lab(smp: u32, script: &str) -> Run {
 
 /// Runs `script` with /bin/sh inside a fresh emulated host, stopping it after `secs` seconds.
 fn lab_with_timeout(smp: u32, secs: u32, script: &str) -> Run {
+    lab_with_args(smp, secs, &[], script)
+}
+
+/// As [`lab_with_timeout`], with more `vhpc lab run` options (e.g. `--disk IMG`).
+fn lab_with_args(smp: u32, secs: u32, extra: &[&str], script: &str) -> Run {
     let out = Command::new(vhpc())
         .args([
             "lab",
@@ -31,8 +36,9 @@ fn lab_with_timeout(smp: u32, secs: u32, script: &str) -> Run {
             &smp.to_string(),
             "--timeout",
             &secs.to_string(),
-            "--",
         ])
+        .args(extra)
+        .arg("--")
         .arg(script)
         .output()
         .expect("run vhpc lab");
@@ -339,6 +345,115 @@ fn long_running_vm_exec_pause_resume_stop() {
     assert_eq!(field(&run, "stop"), "0");
     assert_eq!(field(&run, "after_stop"), "0");
     assert_eq!(field(&run, "dirs"), "0");
+}
+
+/// The root file system image `vhpc image rootfs` builds for the default package set
+/// (openmpi-bin), cached as ~/.cache/vhpc/rootfs-<hash>.img: scripts/setup.sh builds it; if it
+/// is missing this builds it (a few minutes; needs root, debootstrap and the Debian mirror).
+fn default_rootfs_image() -> String {
+    let out = Command::new(vhpc())
+        .args(["image", "rootfs"])
+        .output()
+        .expect("run vhpc image rootfs");
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    eprintln!("--- vhpc image rootfs:\n{stderr}");
+    assert!(
+        out.status.success(),
+        "vhpc image rootfs failed ({}): {stderr}",
+        out.status
+    );
+    let path = String::from_utf8_lossy(&out.stdout).trim().to_owned();
+    assert!(path.ends_with(".img"), "vhpc image rootfs printed {path:?}");
+    path
+}
+
+/// `vhpc run --rootfs`: a Debian 12 image built from packages boots as the guest's root
+/// file system (the initramfs is stage one), runs Open MPI's mpirun, returns the command's
+/// status, mounts a `,ro` image read-only, and serves `vhpc exec` in a long-running VM.
+#[test]
+#[ignore = "lab test: boots emulated hosts; run by scripts/test.sh"]
+fn rootfs_image_boots_debian_and_runs_mpirun() {
+    let image = default_rootfs_image();
+    let run = lab_with_args(
+        2,
+        900,
+        &["--disk", &image],
+        r#"vhpc run --rootfs /dev/vda -- mpirun --version > /tmp/mpi 2>&1; echo mpirun_status=$?
+sed 's/^/mpi: /' /tmp/mpi
+vhpc run --rootfs /dev/vda -- sh -c '. /etc/os-release; echo os=$ID-$VERSION_ID
+  echo agent=$(test -x /usr/local/bin/vhpc && echo yes)
+  echo root=$(awk "\$2 == \"/\" {print \$1, \$3}" /proc/mounts | tail -1)
+  echo initramfs_init=$(test -e /init && echo present || echo gone)
+  exit 4'; echo status=$?
+vhpc run --rootfs /dev/vda,ro -- sh -c 'if touch /probe 2>/dev/null; then echo ro=writable; else echo ro=refused; fi'
+vhpc vm start deb --rootfs /dev/vda; echo vm_start=$?
+vhpc exec deb -- cat /etc/debian_version | sed 's/^/vm: /'
+vhpc vm stop deb; echo vm_stop=$?"#,
+    );
+    assert_eq!(run.status, 0);
+    assert_eq!(field(&run, "mpirun_status"), "0");
+    assert!(
+        run.stdout.contains("mpi: mpirun (Open MPI) 4."),
+        "Open MPI's version line"
+    );
+    assert_eq!(field(&run, "os"), "debian-12");
+    assert_eq!(field(&run, "agent"), "yes", "the agent is in the image");
+    assert_eq!(field(&run, "root"), "/dev/vda ext4");
+    assert_eq!(
+        field(&run, "initramfs_init"),
+        "gone",
+        "the initramfs was left"
+    );
+    assert_eq!(field(&run, "status"), "4");
+    assert_eq!(field(&run, "ro"), "refused");
+    assert_eq!(field(&run, "vm_start"), "0");
+    let version = run.stdout.lines().find_map(|l| l.strip_prefix("vm: "));
+    assert!(
+        version.is_some_and(|v| v.starts_with("12.")),
+        "debian_version through vhpc exec: {version:?}"
+    );
+    assert_eq!(field(&run, "vm_stop"), "0");
+}
+
+/// `vhpc lab run --hosts 2`: two emulated hosts on one lab network; host 1 runs commands on
+/// host 2 with `vhpc lab on 2` (output, stderr and exit status relayed) and pings it.
+#[test]
+#[ignore = "lab test: boots emulated hosts; run by scripts/test.sh"]
+fn two_lab_hosts_on_one_network() {
+    let run = lab_with_args(
+        1,
+        900,
+        &["--hosts", "2", "--memory", "768"],
+        "vhpc lab on 2 -- hostname; echo st=$?; \
+         vhpc lab on 2 -- sh -c 'echo to-err >&2; exit 5'; echo st5=$?; \
+         ping -c1 10.0.2.12 > /dev/null; echo ping=$?; ping -c1 host2 > /dev/null; echo ping_name=$?; \
+         echo self=$(hostname); vhpc lab on 1 -- hostname | sed 's/^/on1: /'; \
+         vhpc lab on 2 -- ip -4 addr show eth0 | grep -o 'inet [0-9./]*' | sed 's/^/addr2: /'; \
+         vhpc lab on 3 --wait 2 -- true; echo absent=$?",
+    );
+    assert_eq!(run.status, 0);
+    assert!(
+        run.stdout.lines().any(|l| l == "host2"),
+        "hostname of host 2"
+    );
+    assert_eq!(field(&run, "st"), "0");
+    assert_eq!(field(&run, "st5"), "5", "exit status relayed");
+    assert!(run.stderr.lines().any(|l| l == "to-err"), "stderr relayed");
+    assert_eq!(field(&run, "ping"), "0");
+    assert_eq!(field(&run, "ping_name"), "0", "host2 is in /etc/hosts");
+    assert_eq!(field(&run, "self"), "host1");
+    assert!(run.stdout.lines().any(|l| l == "on1: host1"));
+    assert!(run.stdout.lines().any(|l| l == "addr2: inet 10.0.2.12/24"));
+    assert_eq!(
+        field(&run, "absent"),
+        "125",
+        "a host that is not there is an error"
+    );
+    assert!(
+        run.stderr.contains("cannot reach lab host 3"),
+        "{}",
+        run.stderr
+    );
 }
 
 #[test]

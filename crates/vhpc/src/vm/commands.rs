@@ -32,7 +32,11 @@ fn vm_config(args: &StartArgs) -> anyhow::Result<VmConfig> {
     let initramfs = crate::run_cmd::initramfs_or_default(args.initrd.as_deref())?;
     // Absolute paths: the VMM process may resolve them from another directory.
     let absolute = |p: PathBuf| std::path::absolute(&p).unwrap_or(p);
-    Ok(VmConfig {
+    let absolute_disk = |d: &vhpc_api::DiskConfig| vhpc_api::DiskConfig {
+        path: absolute(d.path.clone()),
+        read_only: d.read_only,
+    };
+    let mut config = VmConfig {
         vcpus: args.vcpus,
         memory: MemoryConfig {
             size_mib: args.memory,
@@ -42,15 +46,12 @@ fn vm_config(args: &StartArgs) -> anyhow::Result<VmConfig> {
         kernel: absolute(kernel),
         initramfs: Some(absolute(initramfs)),
         cmdline: format!("{} {SERVE_FLAG}", crate::run_cmd::default_cmdline(false)),
-        disks: args
-            .disks
-            .iter()
-            .map(|d| vhpc_api::DiskConfig {
-                path: absolute(d.path.clone()),
-                read_only: d.read_only,
-            })
-            .collect(),
-    })
+        disks: args.disks.iter().map(absolute_disk).collect(),
+    };
+    if let Some(rootfs) = &args.rootfs {
+        crate::rootfs_arg::attach(&mut config, &absolute_disk(rootfs))?;
+    }
+    Ok(config)
 }
 
 /// `vhpc vm start`: state directory, detached VMM process, wait for the agent.

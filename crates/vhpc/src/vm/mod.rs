@@ -68,6 +68,11 @@ pub struct StartArgs {
     /// `,ro` makes it read-only.
     #[arg(long = "disk", value_name = "PATH[,ro]")]
     pub disks: Vec<vhpc_api::DiskConfig>,
+    /// Boot with this ext4 image (`vhpc image rootfs`) as the root file system: it becomes
+    /// /dev/vda (before any --disk) and `vhpc exec` commands run inside it; `,ro` mounts it
+    /// read-only.
+    #[arg(long, value_name = "IMG[,ro]")]
+    pub rootfs: Option<vhpc_api::DiskConfig>,
     /// Seconds to wait for the guest agent to answer.
     #[arg(long, default_value_t = 120)]
     pub timeout: u64,

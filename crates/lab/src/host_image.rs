@@ -13,8 +13,9 @@ use vhpc_image::initramfs;
 
 use crate::LabError;
 
-/// Modules the emulated host loads (their dependencies are resolved from the modules).
-pub const HOST_MODULES: &[&str] = &["kvm-amd"];
+/// Modules the emulated host loads (their dependencies are resolved from the modules):
+/// KVM, and TAP devices and bridges (with stp and llc) for VM networks.
+pub const HOST_MODULES: &[&str] = &["kvm-amd", "tun", "bridge"];
 
 /// Where the guest kernel and initramfs go inside the host: the cache of root's home.
 const HOST_CACHE_DIR: &str = "root/.cache/vhpc";

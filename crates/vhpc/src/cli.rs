@@ -110,6 +110,11 @@ pub struct RunArgs {
     /// `,ro` makes it read-only.
     #[arg(long = "disk", value_name = "PATH[,ro]")]
     pub disks: Vec<vhpc_api::DiskConfig>,
+    /// Add a virtio-net interface (repeatable: eth0, eth1, ...): on TAP device NAME (used if
+    /// it exists, else created), or on a new TAP attached to bridge BR. Default MAC: derived
+    /// from the TAP's name.
+    #[arg(long = "net", value_name = "tap=NAME|bridge=BR[,mac=MAC]")]
+    pub nets: Vec<vhpc_api::NetConfig>,
     /// The command to run in the guest.
     #[arg(last = true, required = true)]
     pub command: Vec<String>,

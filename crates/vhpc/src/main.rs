@@ -10,6 +10,7 @@ mod cli;
 mod exit_codes;
 mod image_cmd;
 mod lab_cmd;
+mod net_names;
 mod relay;
 mod run_cmd;
 mod snapshot_cmd;

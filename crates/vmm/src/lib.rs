@@ -5,7 +5,7 @@
 //! - [`cpuid`], [`vcpu_setup`] per-vCPU configuration; [`vcpu`] the vCPU threads;
 //! - [`vcpu_state`], [`vm_state`] the state of a vCPU and of a VM, for save → restore;
 //! - [`pci_devices`] the PCI bus and virtio devices, wired to KVM (irqfd, ioeventfd, MSI
-//!   routes);
+//!   routes); [`net_backend`] the host side of a network interface (TAP, bridge);
 //! - [`snapshot`] checkpoints on disk (full, incremental), lazy restore, merge, inspect;
 //! - [`acpi`] the ACPI tables; [`console`] the console sink that watches for panics;
 //! - [`agent_input`] the host's way into the guest agent's channel (COM2 receive);
@@ -20,6 +20,7 @@ pub mod events;
 pub mod host;
 pub mod layout;
 pub mod memory;
+pub mod net_backend;
 pub mod pci_devices;
 pub mod snapshot;
 pub mod vcpu;

@@ -241,7 +241,7 @@ impl Vm {
         let log = ConsoleLog::default();
         let console = ConsoleSink::new(console, log.clone(), events_tx.clone());
         let (mut pio, agent_port) = build_devices(&fd, Box::new(console), agent, &events_tx)?;
-        let pci = crate::pci_devices::build(&fd, &mem, &config.disks, &mut pio)?;
+        let pci = crate::pci_devices::build(&fd, &mem, &config.disks, &config.nets, &mut pio)?;
         let bus = Arc::new(Buses { pio, pci });
         Ok(Vm {
             fd,

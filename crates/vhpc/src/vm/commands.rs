@@ -47,6 +47,7 @@ fn vm_config(args: &StartArgs) -> anyhow::Result<VmConfig> {
                 read_only: d.read_only,
             })
             .collect(),
+        nets: crate::net_names::for_vm(&args.name, &args.nets),
     })
 }
 

@@ -1,0 +1,124 @@
+//! The virtio-net device: one receive and one transmit queue on a TAP device.
+//!
+//! Features: MAC (the address the VMM chose is in the config space) and indirect
+//! descriptors; no offloads, no control queue, no multiqueue, no MRG_RXBUF. Without CSUM/TSO
+//! the guest sends complete frames with checksums, so the TAP gets plain frames (IFF_NO_PI,
+//! no IFF_VNET_HDR). The link is always up (no STATUS feature).
+
+use std::os::fd::RawFd;
+
+use virtio_queue::{Queue, QueueT};
+
+use super::frames::{FrameIo, NetPort, fill_rx, process_tx};
+use super::tap::Tap;
+use crate::virtio::{
+    GuestMemory, QueueError, QueueHandler, VIRTIO_RING_F_INDIRECT_DESC, VirtioBackend,
+};
+
+pub const VIRTIO_ID_NET: u16 = 1;
+/// The device has a MAC address in its config space.
+pub const VIRTIO_NET_F_MAC: u64 = 1 << virtio_bindings::virtio_net::VIRTIO_NET_F_MAC;
+/// Network controller, Ethernet.
+const PCI_CLASS_ETHERNET: u32 = 0x02_00_00;
+pub const QUEUE_SIZE: u16 = 256;
+pub const RX_QUEUE: usize = 0;
+pub const TX_QUEUE: usize = 1;
+
+pub struct Net {
+    tap: Tap,
+    mac: [u8; 6],
+}
+
+impl Net {
+    pub fn new(tap: Tap, mac: [u8; 6]) -> Net {
+        Net { tap, mac }
+    }
+}
+
+impl VirtioBackend for Net {
+    fn device_type(&self) -> u16 {
+        VIRTIO_ID_NET
+    }
+
+    fn pci_class(&self) -> u32 {
+        PCI_CLASS_ETHERNET
+    }
+
+    fn features(&self) -> u64 {
+        VIRTIO_NET_F_MAC | VIRTIO_RING_F_INDIRECT_DESC
+    }
+
+    fn queue_max_sizes(&self) -> Vec<u16> {
+        vec![QUEUE_SIZE, QUEUE_SIZE]
+    }
+
+    /// `virtio_net_config`: only `mac` (bytes 0..6) is meaningful with our features.
+    fn read_config(&self, offset: u64, data: &mut [u8]) {
+        crate::pci::copy_from(&self.mac, offset.min(self.mac.len() as u64) as usize, data);
+    }
+
+    fn activate(&mut self, _features: u64) -> std::io::Result<Box<dyn QueueHandler>> {
+        let tap = self.tap.try_clone()?;
+        let fd = tap.raw_fd();
+        Ok(Box::new(NetHandler::new(NetPort::new(tap, false), fd)))
+    }
+}
+
+/// The worker thread's side: queue notifications and the backend fd.
+pub struct NetHandler<B> {
+    pub port: NetPort<B>,
+    fd: RawFd,
+}
+
+impl<B: FrameIo> NetHandler<B> {
+    /// `fd` is what the worker waits on for received frames (the backend's own fd).
+    pub fn new(port: NetPort<B>, fd: RawFd) -> Self {
+        NetHandler { port, fd }
+    }
+}
+
+impl<B: FrameIo> QueueHandler for NetHandler<B> {
+    fn process(
+        &mut self,
+        index: usize,
+        queue: &mut Queue,
+        mem: &GuestMemory,
+    ) -> Result<bool, QueueError> {
+        match index {
+            RX_QUEUE => {
+                // New receive buffers: deliver what waited for them, watch the backend again.
+                self.port.rx_buffers_added();
+                fill_rx(&mut self.port, queue, mem)
+            }
+            TX_QUEUE => process_tx(&mut self.port, queue, mem),
+            _ => Ok(false),
+        }
+    }
+
+    fn backend_fds(&self) -> Vec<RawFd> {
+        vec![self.fd]
+    }
+
+    fn backend_wanted(&self, _index: usize) -> bool {
+        self.port.wants_backend()
+    }
+
+    fn backend_ready(
+        &mut self,
+        _index: usize,
+        queues: &mut [Queue],
+        mem: &GuestMemory,
+    ) -> Result<Vec<usize>, QueueError> {
+        let Some(rx) = queues.get_mut(RX_QUEUE).filter(|q| q.ready()) else {
+            // The driver has not set up its receive queue: nothing can take frames, so stop
+            // watching the backend until it notifies that queue.
+            self.port.block_rx();
+            return Ok(Vec::new());
+        };
+        Ok(if fill_rx(&mut self.port, rx, mem)? {
+            vec![RX_QUEUE]
+        } else {
+            Vec::new()
+        })
+    }
+}

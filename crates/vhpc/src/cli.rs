@@ -181,6 +181,26 @@ pub enum BenchCommand {
     /// memory size (lazy mapping), with vhpc's test guest on this host's /dev/kvm; QEMU's
     /// migrate-to-file and -incoming on the same guest beside it.
     Snapshot(BenchSnapshotArgs),
+    /// VM ↔ VM ping round trip and TCP throughput: two vhpc VMs on a bridge vs two QEMU q35
+    /// VMs with virtio-net on TAPs on the same bridge (run it in the lab: `vhpc lab run
+    /// --with-qemu --memory 3072 -- vhpc bench net`).
+    Net(BenchNetArgs),
+}
+
+#[derive(Args)]
+pub struct BenchNetArgs {
+    /// Measured runs per contender (interleaved).
+    #[arg(long, default_value_t = 3)]
+    pub runs: u32,
+    /// Pings per run (one a second).
+    #[arg(long, default_value_t = 10)]
+    pub pings: u32,
+    /// MiB sent over TCP per run.
+    #[arg(long, default_value_t = 16)]
+    pub mib: u32,
+    /// Memory of each VM in MiB.
+    #[arg(long, default_value_t = 256)]
+    pub memory: u64,
 }
 
 #[derive(Args)]

@@ -4,6 +4,7 @@
 mod bench_boot;
 mod bench_direct;
 mod bench_measure;
+mod bench_net;
 mod bench_qemu;
 mod bench_snapshot;
 mod cli;
@@ -33,6 +34,7 @@ fn main() {
         cli::Command::Vm(cmd) => vm::run(cmd),
         cli::Command::Exec(args) => vm::commands::exec(args),
         cli::Command::Bench(cli::BenchCommand::Snapshot(args)) => bench_snapshot::run(args),
+        cli::Command::Bench(cli::BenchCommand::Net(args)) => bench_net::run(args),
         cli::Command::Snapshot(cmd) => snapshot_cmd::run(cmd),
         cli::Command::Restore(args) => snapshot_cmd::restore(args),
     };

@@ -39,6 +39,10 @@ pub fn open(net: &NetConfig, index: usize) -> Result<Net, VmError> {
             let name = tap
                 .clone()
                 .unwrap_or_else(|| derived_tap_name(&std::process::id().to_string(), index));
+            // Check the bridge before making a TAP that would only be thrown away.
+            if !host_if::exists(bridge) {
+                return Err(err(&host_if::BridgeError::Missing(bridge.clone())));
+            }
             if host_if::exists(&name) {
                 return Err(err(&format!(
                     "an interface named {name} exists already (another VM's TAP, or a \

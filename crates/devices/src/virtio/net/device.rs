@@ -1,23 +1,33 @@
 //! The virtio-net device: one receive and one transmit queue on a TAP device.
 //!
-//! Features: MAC (the address the VMM chose is in the config space) and indirect
-//! descriptors; no offloads, no control queue, no multiqueue, no MRG_RXBUF. Without CSUM/TSO
-//! the guest sends complete frames with checksums, so the TAP gets plain frames (IFF_NO_PI,
-//! no IFF_VNET_HDR). The link is always up (no STATUS feature).
+//! Features: MAC (the address the VMM chose is in the config space), indirect descriptors,
+//! and checksum and TCP segmentation offloads both ways (CSUM, HOST_TSO4/6 for what the
+//! guest sends; GUEST_CSUM, GUEST_TSO4/6 for what it receives), which the TAP's vnet header
+//! carries through; no control queue, no multiqueue, no MRG_RXBUF (with GUEST_TSO Linux
+//! posts 64 KiB receive buffers). The link is always up (no STATUS feature).
 
 use std::os::fd::RawFd;
 
 use virtio_queue::{Queue, QueueT};
 
-use super::frames::{FrameIo, NetPort, fill_rx, process_tx};
+use super::frames::{BackendHeader, FrameIo, NetPort, Offloads, fill_rx, process_tx};
 use super::tap::Tap;
 use crate::virtio::{
     GuestMemory, QueueError, QueueHandler, VIRTIO_RING_F_INDIRECT_DESC, VirtioBackend,
 };
 
 pub const VIRTIO_ID_NET: u16 = 1;
+use virtio_bindings::virtio_net as vn;
+
 /// The device has a MAC address in its config space.
-pub const VIRTIO_NET_F_MAC: u64 = 1 << virtio_bindings::virtio_net::VIRTIO_NET_F_MAC;
+pub const VIRTIO_NET_F_MAC: u64 = 1 << vn::VIRTIO_NET_F_MAC;
+/// The offloads offered (see the module comment).
+pub const OFFLOAD_FEATURES: u64 = 1 << vn::VIRTIO_NET_F_CSUM
+    | 1 << vn::VIRTIO_NET_F_GUEST_CSUM
+    | 1 << vn::VIRTIO_NET_F_GUEST_TSO4
+    | 1 << vn::VIRTIO_NET_F_GUEST_TSO6
+    | 1 << vn::VIRTIO_NET_F_HOST_TSO4
+    | 1 << vn::VIRTIO_NET_F_HOST_TSO6;
 /// Network controller, Ethernet.
 const PCI_CLASS_ETHERNET: u32 = 0x02_00_00;
 pub const QUEUE_SIZE: u16 = 256;
@@ -45,7 +55,7 @@ impl VirtioBackend for Net {
     }
 
     fn features(&self) -> u64 {
-        VIRTIO_NET_F_MAC | VIRTIO_RING_F_INDIRECT_DESC
+        VIRTIO_NET_F_MAC | VIRTIO_RING_F_INDIRECT_DESC | OFFLOAD_FEATURES
     }
 
     fn queue_max_sizes(&self) -> Vec<u16> {
@@ -57,11 +67,39 @@ impl VirtioBackend for Net {
         crate::pci::copy_from(&self.mac, offset.min(self.mac.len() as u64) as usize, data);
     }
 
-    fn activate(&mut self, _features: u64) -> std::io::Result<Box<dyn QueueHandler>> {
+    fn activate(&mut self, features: u64) -> std::io::Result<Box<dyn QueueHandler>> {
+        let (offloads, tun_flags) = negotiated_offloads(features);
+        self.tap
+            .set_offload(tun_flags)
+            .map_err(std::io::Error::other)?;
         let tap = self.tap.try_clone()?;
         let fd = tap.raw_fd();
-        Ok(Box::new(NetHandler::new(NetPort::new(tap, false), fd)))
+        let port = NetPort::new(tap, BackendHeader::Vnet(offloads));
+        Ok(Box::new(NetHandler::new(port, fd)))
     }
+}
+
+/// What the driver accepted: the offloads frames may use, and the TAP's TUNSETOFFLOAD flags
+/// (which frames it may hand the guest).
+pub fn negotiated_offloads(features: u64) -> (Offloads, libc::c_uint) {
+    let has = |bit: u32| features & (1u64 << bit) != 0;
+    let offloads = Offloads {
+        guest_csum: has(vn::VIRTIO_NET_F_GUEST_CSUM),
+        tx_csum: has(vn::VIRTIO_NET_F_CSUM),
+        tx_tso: has(vn::VIRTIO_NET_F_HOST_TSO4) || has(vn::VIRTIO_NET_F_HOST_TSO6),
+    };
+    let mut tun = 0;
+    // Segmented frames need partial checksums too (the kernel refuses TSO without CSUM).
+    if offloads.guest_csum {
+        tun |= libc::TUN_F_CSUM;
+        if has(vn::VIRTIO_NET_F_GUEST_TSO4) {
+            tun |= libc::TUN_F_TSO4;
+        }
+        if has(vn::VIRTIO_NET_F_GUEST_TSO6) {
+            tun |= libc::TUN_F_TSO6;
+        }
+    }
+    (offloads, tun)
 }
 
 /// The worker thread's side: queue notifications and the backend fd.

@@ -4,9 +4,12 @@
 //! the header always has `num_buffers`). Transmit chains (queue 1) are device-readable:
 //! header then frame, in any split across descriptors. Receive chains (queue 0) are
 //! device-writable: the device writes a header and one frame into one chain (no
-//! MRG_RXBUF). With no offload features negotiated the header is all zeros but for
-//! `num_buffers` = 1, and the backend sees plain frames; a backend that speaks the header
-//! itself (a TAP with IFF_VNET_HDR) gets and gives it unchanged.
+//! MRG_RXBUF). A plain backend ([`BackendHeader::None`]) sees bare frames: the header is
+//! stripped on transmit and written as zeros (`num_buffers` = 1) on receive. A backend that
+//! speaks the header itself (a TAP with IFF_VNET_HDR, [`BackendHeader::Vnet`]) gets and
+//! gives it unchanged, which is how checksum and segmentation offloads pass through: the
+//! device only checks that a transmit header asks for no offload the driver did not accept,
+//! and clears receive flags the driver did not ask for.
 //!
 //! Everything in a queue comes from the guest: a malformed chain is returned to the driver
 //! (used length 0) and logged, never a panic; only an unusable ring stops the device.
@@ -25,8 +28,13 @@ pub const HDR_LEN: usize = 12;
 const NUM_BUFFERS: usize = 10;
 /// `flags`: the driver left the checksum to the device (needs VIRTIO_NET_F_CSUM).
 pub const HDR_F_NEEDS_CSUM: u8 = 1;
-/// `gso_type` for a frame that needs no segmentation.
+/// `flags`: the checksum is known good (only with GUEST_CSUM).
+pub const HDR_F_DATA_VALID: u8 = 2;
+/// `gso_type` values: none, TCP over IPv4, TCP over IPv6; the ECN bit.
 pub const HDR_GSO_NONE: u8 = 0;
+pub const HDR_GSO_TCPV4: u8 = 1;
+pub const HDR_GSO_TCPV6: u8 = 4;
+pub const HDR_GSO_ECN: u8 = 0x80;
 /// The largest frame either way: a 64 KiB packet plus Ethernet and VLAN headers.
 pub const MAX_FRAME_LEN: usize = 65_536 + 18;
 /// The shortest frame: an Ethernet header.
@@ -38,6 +46,27 @@ pub trait FrameIo: Send {
     fn read_frame(&mut self, buf: &mut [u8]) -> io::Result<usize>;
     /// Sends one frame.
     fn write_frame(&mut self, frame: &[u8]) -> io::Result<()>;
+}
+
+/// The offloads the driver accepted (virtio-net feature bits), as far as frames care.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Offloads {
+    /// GUEST_CSUM: received frames may carry partial checksums (NEEDS_CSUM, DATA_VALID).
+    pub guest_csum: bool,
+    /// CSUM: the driver may leave transmit checksums to the device.
+    pub tx_csum: bool,
+    /// HOST_TSO4/HOST_TSO6: the driver may send TCP segmentation frames.
+    pub tx_tso: bool,
+}
+
+/// Whether frames carry the virtio-net header on the backend side.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum BackendHeader {
+    /// Bare Ethernet frames (no offloads possible).
+    None,
+    /// The backend reads and writes the header itself (TAP with IFF_VNET_HDR, its offloads
+    /// set to what the driver accepted).
+    Vnet(Offloads),
 }
 
 /// Counters, for the debug log and tests.
@@ -55,8 +84,7 @@ pub struct NetStats {
 /// One interface's data path: the backend plus receive state.
 pub struct NetPort<B> {
     pub backend: B,
-    /// The backend's frames carry the virtio-net header (TAP with IFF_VNET_HDR).
-    backend_has_hdr: bool,
+    header: BackendHeader,
     /// A received frame, header first, waiting for a guest buffer (`rx_len` bytes).
     rx_buf: Vec<u8>,
     rx_len: Option<usize>,
@@ -72,10 +100,10 @@ pub struct NetPort<B> {
 }
 
 impl<B: FrameIo> NetPort<B> {
-    pub fn new(backend: B, backend_has_hdr: bool) -> Self {
+    pub fn new(backend: B, header: BackendHeader) -> Self {
         NetPort {
             backend,
-            backend_has_hdr,
+            header,
             rx_buf: vec![0; HDR_LEN + MAX_FRAME_LEN],
             rx_len: None,
             rx_blocked: false,
@@ -105,15 +133,19 @@ impl<B: FrameIo> NetPort<B> {
 
     /// Reads one frame from the backend into `rx_buf`; false when none is waiting.
     fn read_backend(&mut self) -> bool {
-        let start = if self.backend_has_hdr { 0 } else { HDR_LEN };
+        let with_hdr = self.header != BackendHeader::None;
+        let start = if with_hdr { 0 } else { HDR_LEN };
         match self.backend.read_frame(&mut self.rx_buf[start..]) {
-            Ok(n) if self.backend_has_hdr && n < HDR_LEN => {
+            Ok(n) if with_hdr && n < HDR_LEN => {
                 self.backend_problem(&format!("the backend gave {n} bytes, less than a header"));
                 true
             }
             Ok(n) => {
-                if !self.backend_has_hdr {
-                    self.rx_buf[..HDR_LEN].fill(0);
+                match self.header {
+                    BackendHeader::None => self.rx_buf[..HDR_LEN].fill(0),
+                    // Checksum flags are for a driver that asked for them.
+                    BackendHeader::Vnet(o) if !o.guest_csum => self.rx_buf[0] = 0,
+                    BackendHeader::Vnet(_) => {}
                 }
                 // One buffer per frame (no MRG_RXBUF), which the header must say.
                 self.rx_buf[NUM_BUFFERS..HDR_LEN].copy_from_slice(&1u16.to_le_bytes());
@@ -215,7 +247,7 @@ pub fn process_tx<B: FrameIo>(
         let head = chain.head_index();
         match gather(chain, mem, &mut port.tx_buf).and_then(|len| check_tx(port, len)) {
             Ok(len) => {
-                let frame = if port.backend_has_hdr {
+                let frame = if port.header != BackendHeader::None {
                     &port.tx_buf[..len]
                 } else {
                     &port.tx_buf[HDR_LEN..len]
@@ -245,9 +277,19 @@ fn check_tx<B>(port: &NetPort<B>, len: usize) -> Result<usize, ChainError> {
         return Err(ChainError::ShortTx(len));
     }
     let (flags, gso) = (port.tx_buf[0], port.tx_buf[1]);
-    // Without a backend that understands the header, a frame that still needs a checksum
-    // or segmentation cannot be sent correctly (the driver may ask only if we offered it).
-    if !port.backend_has_hdr && (flags & HDR_F_NEEDS_CSUM != 0 || gso != HDR_GSO_NONE) {
+    // A frame that still needs a checksum or segmentation can only be sent by a backend that
+    // does them, and only if the driver accepted that offload.
+    let offloads = match port.header {
+        BackendHeader::None => Offloads::default(),
+        BackendHeader::Vnet(o) => o,
+    };
+    let csum_ok = flags & HDR_F_NEEDS_CSUM == 0 || offloads.tx_csum;
+    let gso_ok = match gso {
+        HDR_GSO_NONE => true,
+        HDR_GSO_TCPV4 | HDR_GSO_TCPV6 => offloads.tx_tso,
+        _ => false, // UDP fragmentation and ECN are not offered
+    };
+    if !csum_ok || !gso_ok {
         return Err(ChainError::Offload { flags, gso });
     }
     Ok(len)

@@ -10,7 +10,7 @@ use std::io;
 use virtio_queue::{Queue, QueueT};
 use vm_memory::{Bytes, GuestAddress};
 
-use super::frames::{FrameIo, NetPort, fill_rx, process_tx};
+use super::frames::{BackendHeader, FrameIo, NetPort, Offloads, fill_rx, process_tx};
 use crate::virtio::GuestMemory;
 
 /// Guest memory size for one run.
@@ -73,8 +73,18 @@ pub fn net_queues(data: &[u8]) {
             .inbound
             .push_back((0..len).map(|i| i as u8).collect());
     }
-    let with_hdr = data.first().is_some_and(|b| b & 1 == 1);
-    let mut port = NetPort::new(backend, with_hdr);
+    // The first byte picks the header mode and offloads (it is also descriptor 0's address).
+    let mode = data.first().copied().unwrap_or(0);
+    let header = if mode & 1 == 0 {
+        BackendHeader::None
+    } else {
+        BackendHeader::Vnet(Offloads {
+            guest_csum: mode & 2 != 0,
+            tx_csum: mode & 4 != 0,
+            tx_tso: mode & 8 != 0,
+        })
+    };
+    let mut port = NetPort::new(backend, header);
     let _ = process_tx(&mut port, &mut tx, &mem);
     let _ = fill_rx(&mut port, &mut rx, &mem);
     port.rx_buffers_added();

@@ -1,4 +1,7 @@
-//! TAP devices: `/dev/net/tun` with IFF_TAP | IFF_NO_PI, non-blocking.
+//! TAP devices: `/dev/net/tun` with IFF_TAP | IFF_NO_PI | IFF_VNET_HDR, non-blocking.
+//! Every frame read or written starts with a 12-byte `virtio_net_hdr_v1` (TUNSETVNETHDRSZ),
+//! the same header the guest uses, so checksum and segmentation offloads pass straight
+//! through; TUNSETOFFLOAD says which ones the TAP may hand us.
 //!
 //! A TAP this process creates is not persistent: the kernel removes it (and detaches it from
 //! its bridge) when the last fd closes, so it vanishes with the VMM however the VMM ends.
@@ -62,7 +65,7 @@ impl Tap {
             .open(TUN_PATH)
             .map_err(TapError::OpenTun)?;
         let mut req = IfReq::new(name);
-        req.set_flags((libc::IFF_TAP | libc::IFF_NO_PI) as libc::c_short);
+        req.set_flags((libc::IFF_TAP | libc::IFF_NO_PI | libc::IFF_VNET_HDR) as libc::c_short);
         // SAFETY: TUNSETIFF reads and writes an ifreq; `req` is one, valid for the call, and
         // `file` is an open /dev/net/tun fd.
         let rc = unsafe { libc::ioctl(file.as_raw_fd(), libc::TUNSETIFF, req.as_mut_ptr()) };
@@ -81,11 +84,38 @@ impl Tap {
                 },
             });
         }
-        Ok(Tap {
+        let tap = Tap {
             file,
             name: req.name(),
             created: !existed,
-        })
+        };
+        let hdr_len = super::frames::HDR_LEN as libc::c_int;
+        // SAFETY: TUNSETVNETHDRSZ reads one int, `hdr_len`, valid for the call.
+        let rc = unsafe { libc::ioctl(tap.raw_fd(), libc::TUNSETVNETHDRSZ, &hdr_len) };
+        if rc < 0 {
+            return Err(tap.config_err("set its virtio-net header size"));
+        }
+        tap.set_offload(0)?;
+        Ok(tap)
+    }
+
+    fn config_err(&self, what: &'static str) -> TapError {
+        TapError::Configure {
+            name: self.name.clone(),
+            what,
+            source: io::Error::last_os_error(),
+        }
+    }
+
+    /// Which offloaded frames (TUN_F_CSUM, TUN_F_TSO4, TUN_F_TSO6) the TAP may hand us:
+    /// those the guest driver accepted.
+    pub fn set_offload(&self, flags: libc::c_uint) -> Result<(), TapError> {
+        // SAFETY: TUNSETOFFLOAD takes its flags by value; no memory is passed.
+        let rc = unsafe { libc::ioctl(self.raw_fd(), libc::TUNSETOFFLOAD, flags as libc::c_ulong) };
+        if rc < 0 {
+            return Err(self.config_err("set its offloads"));
+        }
+        Ok(())
     }
 
     pub fn name(&self) -> &str {

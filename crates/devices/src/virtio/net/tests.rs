@@ -40,7 +40,7 @@ impl Rig {
                 q
             })
             .collect();
-        let port = NetPort::new(MemoryBackend::default(), false);
+        let port = NetPort::new(MemoryBackend::default(), BackendHeader::None);
         Rig {
             mem,
             queues,
@@ -317,27 +317,119 @@ fn a_runaway_avail_index_is_a_device_error() {
     assert!(r.handler.backend_ready(0, &mut r.queues, &r.mem).is_err());
 }
 
+fn vnet(guest_csum: bool, tx_csum: bool, tx_tso: bool) -> NetHandler<MemoryBackend> {
+    let o = Offloads {
+        guest_csum,
+        tx_csum,
+        tx_tso,
+    };
+    NetHandler::new(
+        NetPort::new(MemoryBackend::default(), BackendHeader::Vnet(o)),
+        -1,
+    )
+}
+
 #[test]
 fn a_backend_with_the_header_gets_and_gives_it_unchanged() {
     let mut r = Rig::new();
-    r.handler = NetHandler::new(NetPort::new(MemoryBackend::default(), true), -1);
+    r.handler = vnet(true, true, true);
     let f = frame(80, 9);
     tx_buffer(&r, BUF, &f);
+    // A TSO frame whose checksum is left to the device: both accepted by the driver.
+    r.mem
+        .write_slice(
+            &[
+                HDR_F_NEEDS_CSUM,
+                HDR_GSO_TCPV4,
+                54,
+                0,
+                0xa8,
+                5,
+                34,
+                0,
+                16,
+                0,
+            ],
+            GuestAddress(BUF),
+        )
+        .unwrap();
     r.post(TX_QUEUE, 0, &[(BUF, (HDR_LEN + f.len()) as u32, false)]);
     assert!(r.kick(TX_QUEUE));
     let sent = r.backend().sent[0].clone();
     assert_eq!(sent.len(), HDR_LEN + f.len());
+    assert_eq!(
+        &sent[..10],
+        &[
+            HDR_F_NEEDS_CSUM,
+            HDR_GSO_TCPV4,
+            54,
+            0,
+            0xa8,
+            5,
+            34,
+            0,
+            16,
+            0
+        ]
+    );
     assert_eq!(&sent[HDR_LEN..], f.as_slice());
-    // Received with a header that has DATA_VALID (2) set: kept, num_buffers made 1.
-    let mut with_hdr = vec![2u8, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0];
+    // Received with DATA_VALID set: kept for a driver with GUEST_CSUM, num_buffers made 1.
+    let mut with_hdr = vec![HDR_F_DATA_VALID, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0xff, 0xff];
     with_hdr.extend_from_slice(&f);
     r.backend().inbound.push_back(with_hdr);
     r.post(RX_QUEUE, 0, &[(BUF + 0x1000, 2048, true)]);
     assert_eq!(r.backend_ready(), vec![RX_QUEUE]);
     let got = r.read(BUF + 0x1000, HDR_LEN + f.len());
-    assert_eq!(got[0], 2);
+    assert_eq!(got[0], HDR_F_DATA_VALID);
     assert_eq!(&got[10..12], &[1, 0]);
     assert_eq!(&got[HDR_LEN..], f.as_slice());
+}
+
+#[test]
+fn offloads_the_driver_did_not_accept_are_refused_or_cleared() {
+    let mut r = Rig::new();
+    r.handler = vnet(false, true, false);
+    let f = frame(80, 10);
+    let full = (HDR_LEN + f.len()) as u32;
+    tx_buffer(&r, BUF, &f);
+    // Checksum offload accepted, TSO not: a TSO frame is refused, a NEEDS_CSUM one goes.
+    r.mem
+        .write_slice(&[HDR_F_NEEDS_CSUM, HDR_GSO_TCPV6], GuestAddress(BUF))
+        .unwrap();
+    r.post(TX_QUEUE, 0, &[(BUF, full, false)]);
+    assert!(r.kick(TX_QUEUE));
+    assert!(r.backend().sent.is_empty());
+    // UDP fragmentation (3) and the ECN bit are never offered.
+    for gso in [3u8, HDR_GSO_ECN] {
+        r.mem.write_slice(&[0, gso], GuestAddress(BUF)).unwrap();
+        r.post(TX_QUEUE, 0, &[(BUF, full, false)]);
+        assert!(r.kick(TX_QUEUE));
+    }
+    assert!(r.backend().sent.is_empty());
+    assert_eq!(r.handler.port.stats.tx_dropped, 3);
+    r.mem
+        .write_slice(&[HDR_F_NEEDS_CSUM, HDR_GSO_NONE], GuestAddress(BUF))
+        .unwrap();
+    r.post(TX_QUEUE, 0, &[(BUF, full, false)]);
+    assert!(r.kick(TX_QUEUE));
+    assert_eq!(r.backend().sent.len(), 1);
+    // Without GUEST_CSUM the driver gets no checksum flags, whatever the backend says.
+    let mut with_hdr = vec![HDR_F_DATA_VALID; 1];
+    with_hdr.extend_from_slice(&[0; HDR_LEN - 1]);
+    with_hdr.extend_from_slice(&f);
+    r.backend().inbound.push_back(with_hdr);
+    r.post(RX_QUEUE, 0, &[(BUF + 0x1000, 2048, true)]);
+    assert_eq!(r.backend_ready(), vec![RX_QUEUE]);
+    assert_eq!(r.read(BUF + 0x1000, 1), [0]);
+    // And a plain backend refuses any offload request.
+    let mut p = Rig::new();
+    tx_buffer(&p, BUF, &f);
+    p.mem
+        .write_obj(HDR_F_NEEDS_CSUM, GuestAddress(BUF))
+        .unwrap();
+    p.post(TX_QUEUE, 0, &[(BUF, full, false)]);
+    assert!(p.kick(TX_QUEUE));
+    assert!(p.backend().sent.is_empty());
 }
 
 /// A small deterministic generator, so CI runs the same inputs every time.
@@ -384,4 +476,26 @@ fn fuzz_entry_point_survives_pseudo_random_rings() {
         }
         fuzz::net_queues(&data);
     }
+}
+
+#[test]
+fn the_tap_gets_only_the_offloads_the_driver_accepted() {
+    use super::device::negotiated_offloads;
+    use virtio_bindings::virtio_net as vn;
+    let bits = |list: &[u32]| list.iter().fold(0u64, |f, b| f | 1 << b);
+    let (o, tun) = negotiated_offloads(0);
+    assert_eq!((o, tun), (Offloads::default(), 0));
+    let all = bits(&[
+        vn::VIRTIO_NET_F_CSUM,
+        vn::VIRTIO_NET_F_GUEST_CSUM,
+        vn::VIRTIO_NET_F_GUEST_TSO4,
+        vn::VIRTIO_NET_F_GUEST_TSO6,
+        vn::VIRTIO_NET_F_HOST_TSO4,
+    ]);
+    let (o, tun) = negotiated_offloads(all);
+    assert!(o.guest_csum && o.tx_csum && o.tx_tso);
+    assert_eq!(tun, libc::TUN_F_CSUM | libc::TUN_F_TSO4 | libc::TUN_F_TSO6);
+    // TSO without GUEST_CSUM (a driver the spec forbids): no segmented frames for it.
+    let (_, tun) = negotiated_offloads(bits(&[vn::VIRTIO_NET_F_GUEST_TSO4]));
+    assert_eq!(tun, 0);
 }

@@ -165,23 +165,45 @@ fn spawn(c: Contender, role: &str, f: &Files, memory: u64) -> anyhow::Result<Chi
             "-netdev",
             &format!("tap,id=n0,ifname={tap},script=no,downscript=no{vnet}"),
             "-device",
-            &format!("virtio-net-pci,netdev=n0,mac={mac}"),
+            // No option ROM: nothing network-boots, and Debian keeps efi-virtio.rom in
+            // another package (ipxe-qemu) that the lab does not copy.
+            &format!("virtio-net-pci,netdev=n0,mac={mac},romfile="),
         ]);
     }
+    let stderr = std::fs::File::create(f.dir.join(format!("{role}.stderr")))
+        .context("cannot create the VMM's stderr file")?;
     cmd.stdin(Stdio::null())
         .stdout(Stdio::null())
-        .stderr(Stdio::null())
+        .stderr(stderr)
         .spawn()
         .with_context(|| format!("cannot start {}", c.name()))
 }
 
-/// Reads the client's `BENCH ...` line from its console, waiting at most `timeout`.
-fn client_result(console: &Path, timeout: Duration) -> anyhow::Result<ClientLine> {
+/// Reads the client's `BENCH ...` line from its console, waiting at most `timeout`; fails at
+/// once when either VMM exits first (saying what it printed).
+fn client_result(
+    dir: &Path,
+    client: &mut Child,
+    server: &mut Child,
+    timeout: Duration,
+) -> anyhow::Result<ClientLine> {
     let start = Instant::now();
+    let console = dir.join("client.console");
     loop {
-        let text = std::fs::read_to_string(console).unwrap_or_default();
+        let text = std::fs::read_to_string(&console).unwrap_or_default();
         if let Some(line) = text.lines().find(|l| l.starts_with("BENCH ")) {
             return parse_result(line);
+        }
+        for (role, child) in [("client", &mut *client), ("server", &mut *server)] {
+            if let Ok(Some(status)) = child.try_wait() {
+                let err =
+                    std::fs::read_to_string(dir.join(format!("{role}.stderr"))).unwrap_or_default();
+                bail!(
+                    "the {role} VMM exited ({status}) before the client's result: {}; console {}",
+                    err.trim(),
+                    dir.join(format!("{role}.console")).display()
+                );
+            }
         }
         if start.elapsed() > timeout {
             bail!(
@@ -229,7 +251,7 @@ fn run_pair(c: Contender, f: &Files, args: &BenchNetArgs) -> anyhow::Result<Samp
     let mut server = spawn(c, "server", f, args.memory)?;
     let client = spawn(c, "client", f, args.memory);
     let result = client.and_then(|mut client| {
-        let r = client_result(&f.dir.join("client.console"), Duration::from_secs(900));
+        let r = client_result(&f.dir, &mut client, &mut server, Duration::from_secs(600));
         let _ = client.kill();
         let _ = client.wait();
         r

@@ -4,7 +4,7 @@ use std::path::PathBuf;
 
 use serde::{Deserialize, Serialize};
 
-use crate::{DiskConfig, DiskConfigError};
+use crate::{DiskConfig, DiskConfigError, NetConfig, NetConfigError};
 
 /// Guest memory options.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
@@ -34,6 +34,9 @@ pub struct VmConfig {
     /// virtio-blk disks, in the order the guest sees them (vda, vdb, ...).
     #[serde(default)]
     pub disks: Vec<DiskConfig>,
+    /// virtio-net interfaces, in the order the guest sees them (eth0, eth1, ...).
+    #[serde(default)]
+    pub nets: Vec<NetConfig>,
 }
 
 /// Limits the host imposes on a VM, measured at run time.
@@ -62,10 +65,24 @@ pub enum ConfigError {
     TooManyDisks { count: usize, max: usize },
     #[error(transparent)]
     Disk(#[from] DiskConfigError),
+    #[error("{count} network interfaces requested, but a VM has at most {max}")]
+    TooManyNics { count: usize, max: usize },
+    #[error(
+        "{count} disks and network interfaces requested, but at most {max} fit on the VM's PCI bus"
+    )]
+    TooManyDevices { count: usize, max: usize },
+    #[error(transparent)]
+    Net(#[from] NetConfigError),
 }
 
 /// Disks per VM: PCI bus 0 has 31 slots besides the host bridge; keep room for other devices.
 pub const MAX_DISKS: usize = 24;
+
+/// Network interfaces per VM.
+pub const MAX_NICS: usize = 8;
+
+/// PCI bus 0 has 32 slots; the host bridge takes one.
+const MAX_PCI_DEVICES: usize = 31;
 
 /// The smallest guest the boot layout fits in (page tables, ACPI, a kernel and an initramfs).
 pub const MIN_MEMORY_MIB: u64 = 16;
@@ -104,9 +121,22 @@ impl VmConfig {
                 max: MAX_DISKS,
             });
         }
+        if self.nets.len() > MAX_NICS {
+            return Err(ConfigError::TooManyNics {
+                count: self.nets.len(),
+                max: MAX_NICS,
+            });
+        }
+        if self.disks.len() + self.nets.len() > MAX_PCI_DEVICES {
+            return Err(ConfigError::TooManyDevices {
+                count: self.disks.len() + self.nets.len(),
+                max: MAX_PCI_DEVICES,
+            });
+        }
         for disk in &self.disks {
             disk.validate()?;
         }
+        crate::net_config::validate_all(&self.nets)?;
         Ok(())
     }
 }
@@ -127,6 +157,7 @@ mod tests {
             initramfs: None,
             cmdline: "console=ttyS0".into(),
             disks: Vec::new(),
+            nets: Vec::new(),
         }
     }
 

@@ -51,6 +51,9 @@ pub fn run_init() -> ! {
     for err in modules::load_listed(Path::new(LOAD_ORDER_PATH)) {
         kmsg::warn(&err.to_string());
     }
+    if let Err(err) = crate::loopback::bring_up() {
+        kmsg::warn(&format!("cannot bring up the loopback interface lo: {err}"));
+    }
     if let Err(err) = agent() {
         kmsg::error(&format!("agent failed: {err}; powering off"));
     }

@@ -2,7 +2,7 @@
 //!
 //! The single `vhpc` binary is copied into the guest initramfs as `/init`; running as pid 1 it
 //! calls [`run_init`], which mounts the basic file systems, loads the kernel modules listed by
-//! the host, runs the command from [`protocol::COMMAND_PATH`], streams its output and exit
+//! the host, brings up `lo`, runs the command from [`protocol::COMMAND_PATH`], streams its output and exit
 //! status as [`protocol::Frame`]s over [`protocol::AGENT_TTY`], and powers the machine off.
 //! With [`protocol::SERVE_FLAG`] on the kernel command line it instead serves
 //! [`protocol::session`] requests (exec, health, power-off) until asked to power off.
@@ -12,6 +12,7 @@
 
 mod init;
 mod kmsg;
+mod loopback;
 mod modules;
 mod mounts;
 pub mod protocol;

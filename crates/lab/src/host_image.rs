@@ -15,8 +15,15 @@ use crate::LabError;
 
 /// Modules the emulated host loads (their dependencies are resolved from the modules):
 /// KVM, virtio-blk for the disks `vhpc lab run --disk` attaches, virtio-net for the lab
-/// network of `--hosts N`.
-pub const HOST_MODULES: &[&str] = &["kvm-amd", "virtio_pci", "virtio_blk", "virtio_net"];
+/// network of `--hosts N`, and TAP devices and bridges (with stp and llc) for VM networks.
+pub const HOST_MODULES: &[&str] = &[
+    "kvm-amd",
+    "virtio_pci",
+    "virtio_blk",
+    "virtio_net",
+    "tun",
+    "bridge",
+];
 
 /// Where the guest kernel and initramfs go inside the host: the cache of root's home.
 const HOST_CACHE_DIR: &str = "root/.cache/vhpc";

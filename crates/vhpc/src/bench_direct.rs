@@ -178,6 +178,7 @@ fn in_process_lifecycle(s: &Setup) -> anyhow::Result<Duration> {
         initramfs: None,
         cmdline: "exit=0".into(),
         disks: Vec::new(),
+        nets: Vec::new(),
     };
     let io = VmIo {
         console: Box::new(std::io::sink()),

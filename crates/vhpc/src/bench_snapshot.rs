@@ -65,6 +65,7 @@ fn boot_halted(guest: &Path, memory_mib: u64, touched_mib: u64) -> anyhow::Resul
         initramfs: None,
         cmdline: cmdline(touched_mib),
         disks: Vec::new(),
+        nets: Vec::new(),
     };
     let mut vm = Vm::boot(&config, io())?;
     vm.start()?;
@@ -189,6 +190,7 @@ fn incremental_rows(args: &BenchSnapshotArgs, guest: &Path, root: &Path) -> anyh
         initramfs: None,
         cmdline: "dirty=256 stride=1 count=0".into(),
         disks: Vec::new(),
+        nets: Vec::new(),
     };
     let mut vm = Vm::boot(&config, io())?;
     vm.start()?;

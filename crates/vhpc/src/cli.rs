@@ -167,6 +167,11 @@ pub struct RunArgs {
     /// /dev/vda (before any --disk) and CMD runs inside it; `,ro` mounts it read-only.
     #[arg(long, value_name = "IMG[,ro]")]
     pub rootfs: Option<vhpc_api::DiskConfig>,
+    /// Add a virtio-net interface (repeatable: eth0, eth1, ...): on TAP device NAME (used if
+    /// it exists, else created), or on a new TAP attached to bridge BR. Default MAC: derived
+    /// from the TAP's name.
+    #[arg(long = "net", value_name = "tap=NAME|bridge=BR[,mac=MAC]")]
+    pub nets: Vec<vhpc_api::NetConfig>,
     /// The command to run in the guest.
     #[arg(last = true, required = true)]
     pub command: Vec<String>,
@@ -297,6 +302,10 @@ pub enum BenchCommand {
     /// Live migration total time and downtime, idle and dirtying guest, vhpc vs QEMU q35 in
     /// one emulated host (`vhpc lab run --with-qemu --memory 3072 -- vhpc bench migrate`).
     Migrate(BenchMigrateArgs),
+    /// VM ↔ VM ping round trip and TCP throughput: two vhpc VMs on a bridge vs two QEMU q35
+    /// VMs with virtio-net on TAPs on the same bridge (run it in the lab: `vhpc lab run
+    /// --with-qemu --memory 3072 -- vhpc bench net`).
+    Net(BenchNetArgs),
 }
 
 #[derive(Args)]
@@ -332,6 +341,22 @@ pub struct BenchBlkArgs {
     /// Where the disk file goes (a directory on the disk to measure).
     #[arg(long, default_value = "/var/tmp")]
     pub dir: PathBuf,
+}
+
+#[derive(Args)]
+pub struct BenchNetArgs {
+    /// Measured runs per contender (interleaved).
+    #[arg(long, default_value_t = 3)]
+    pub runs: u32,
+    /// Pings per run (one a second).
+    #[arg(long, default_value_t = 10)]
+    pub pings: u32,
+    /// MiB sent over TCP per run.
+    #[arg(long, default_value_t = 16)]
+    pub mib: u32,
+    /// Memory of each VM in MiB.
+    #[arg(long, default_value_t = 256)]
+    pub memory: u64,
 }
 
 #[derive(Args)]

@@ -6,6 +6,7 @@ mod bench_boot;
 mod bench_direct;
 mod bench_measure;
 mod bench_migrate;
+mod bench_net;
 mod bench_qemu;
 mod bench_snapshot;
 mod cli;
@@ -15,6 +16,7 @@ mod guest_memtest;
 mod image_cmd;
 mod lab_cmd;
 mod lab_on;
+mod net_names;
 mod relay;
 mod rootfs_arg;
 mod run_cmd;
@@ -42,6 +44,7 @@ fn main() {
         cli::Command::Bench(cli::BenchCommand::Blk(args)) => bench_blk::run(args),
         cli::Command::Bench(cli::BenchCommand::Snapshot(args)) => bench_snapshot::run(args),
         cli::Command::Snapshot(args) => snapshot_cmd::run(args),
+        cli::Command::Bench(cli::BenchCommand::Net(args)) => bench_net::run(args),
         cli::Command::Restore(args) => snapshot_cmd::restore(args),
         cli::Command::GuestMemtest(args) => guest_memtest::run(args),
         cli::Command::Bench(cli::BenchCommand::Migrate(args)) => bench_migrate::run(args),

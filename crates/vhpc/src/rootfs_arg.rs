@@ -69,6 +69,7 @@ mod tests {
             initramfs: None,
             cmdline: "console=ttyS0".into(),
             disks: vec!["/data.img".parse().unwrap()],
+            nets: Vec::new(),
         }
     }
 

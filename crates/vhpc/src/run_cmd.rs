@@ -93,6 +93,7 @@ fn vm_config(args: &RunArgs) -> anyhow::Result<VmConfig> {
             .clone()
             .unwrap_or_else(|| default_cmdline(args.console)),
         disks: args.disks.clone(),
+        nets: crate::net_names::for_run(&args.nets),
     };
     if let Some(rootfs) = &args.rootfs {
         if freestanding {

@@ -225,3 +225,20 @@ fn lab_arguments_are_checked_before_booting() {
         "{stderr}"
     );
 }
+
+/// Bad `--net` specs are refused by the argument parser with what to fix.
+#[test]
+fn bad_net_specs_say_what_to_fix() {
+    for (spec, expected) in [
+        ("tap=t0,bridge=br0", "not both"),
+        ("vlan=3", "the options are tap=NAME, bridge=BR and mac=MAC"),
+        ("tap=t0,mac=52:54:00:12:34", "is not a MAC address"),
+        ("tap=t0,mac=01:00:5e:00:00:01", "multicast"),
+        ("bridge=a-name-far-too-long", "1 to 15 characters"),
+        ("mac=52:54:00:12:34:56", "needs tap=NAME or bridge=BR"),
+    ] {
+        let (status, stderr) = vhpc_run(&["--net", spec]);
+        assert_ne!(status, 0, "{spec}");
+        assert!(stderr.contains(expected), "--net {spec}: {stderr}");
+    }
+}

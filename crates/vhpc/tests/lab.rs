@@ -698,3 +698,112 @@ fn a_vm_with_a_busy_disk_survives_checkpoint_and_restore_and_a_changed_disk_is_r
     assert_eq!(field(&run, "stop"), "0");
     assert_eq!(field(&run, "restore_changed"), "125");
 }
+
+/// Network between two long-running VMs, in one emulated host: both on a bridge (`--net
+/// bridge=br0`, each VMM makes its TAP and attaches it), they ping each other, then move
+/// 100 MiB of random data over TCP with busybox nc, with checksum and segmentation offloads
+/// negotiated; both ends checksum what they saw. One
+/// boot of the emulated host serves both checks (a boot costs minutes on a busy machine).
+/// After `vhpc vm stop`, the TAPs are gone from the bridge.
+#[test]
+#[ignore = "lab test: boots emulated hosts; run by scripts/test.sh"]
+fn two_vms_on_a_bridge_ping_each_other_and_move_100_mib_over_tcp() {
+    let run = lab(
+        2,
+        r#"brctl addbr br0 && ip link set br0 up
+t() { cut -d' ' -f1 /proc/uptime; }
+vhpc vm start a --memory 384 --net bridge=br0 || exit 1
+vhpc vm start b --memory 384 --net bridge=br0 || exit 1
+echo ports=$(ls /sys/class/net/br0/brif | tr '\n' ' ')
+vhpc exec a -- sh -c 'cat /sys/class/net/eth0/device/features' | sed 's/^/features_a=/'
+vhpc exec a -- sh -c 'ip addr add 10.0.0.1/24 dev eth0 && ip link set eth0 up && cat /sys/class/net/eth0/address' | sed 's/^/mac_a=/'
+vhpc exec b -- sh -c 'ip addr add 10.0.0.2/24 dev eth0 && ip link set eth0 up && cat /sys/class/net/eth0/address' | sed 's/^/mac_b=/'
+vhpc exec a -- ping -c 5 -W 5 10.0.0.2 | tail -2
+vhpc exec b -- ping -c 5 -W 5 10.0.0.1 > /dev/null; echo ping_ba=$?
+vhpc exec a -- sh -c 'dd if=/dev/urandom of=/tmp/data bs=64k count=1600 2>/dev/null; ls -l /tmp/data | awk "{print \$5}"' | sed 's/^/bytes=/'
+vhpc exec a -- sh -c 'sha256sum < /tmp/data' | sed 's/ .*//; s/^/sum_a=/'
+vhpc exec b -- sh -c '(sleep 3600 | nc -l -p 5000 | sha256sum > /tmp/sum) > /dev/null 2>&1 &'
+sleep 1
+t0=$(t)
+vhpc exec a -- sh -c 'nc 10.0.0.2 5000 < /tmp/data'; echo send=$?
+i=0; while [ $i -lt 600 ]; do s=$(vhpc exec b -- cat /tmp/sum 2>/dev/null); [ -n "$s" ] && break; sleep 0.5; i=$((i+1)); done
+echo sum_b=${s%% *}
+echo transfer_secs=$(awk "BEGIN{print $(t)-$t0}")
+vhpc vm stop a; vhpc vm stop b
+echo ports_after=$(ls /sys/class/net/br0/brif | wc -l)"#,
+    );
+    assert_eq!(run.status, 0);
+    let ports = field(&run, "ports");
+    assert!(
+        ports.contains("vhpc-a-0") && ports.contains("vhpc-b-0"),
+        "both TAPs on the bridge: {ports}"
+    );
+    let (mac_a, mac_b) = (field(&run, "mac_a"), field(&run, "mac_b"));
+    assert!(mac_a.starts_with("52:54:00:"), "{mac_a}");
+    assert_ne!(mac_a, mac_b, "each VM its own MAC");
+    assert!(
+        run.stdout
+            .contains("5 packets transmitted, 5 packets received, 0% packet loss"),
+        "a pings b without loss"
+    );
+    assert_eq!(field(&run, "ping_ba"), "0", "b pings a");
+    // Negotiated feature bits, bit 0 first: CSUM, GUEST_CSUM, MAC, GUEST_TSO4, HOST_TSO4,
+    // INDIRECT_DESC, VERSION_1: the transfer below runs with offloads.
+    let features = field(&run, "features_a").as_bytes();
+    for bit in [0, 1, 5, 7, 11, 28, 32] {
+        assert_eq!(
+            features.get(bit),
+            Some(&b'1'),
+            "feature bit {bit} negotiated"
+        );
+    }
+    assert_eq!(field(&run, "bytes"), "104857600");
+    let sum = field(&run, "sum_a");
+    assert_eq!(sum.len(), 64, "a sha256 sum: {sum}");
+    assert_eq!(field(&run, "send"), "0");
+    assert_eq!(field(&run, "sum_b"), sum, "b received exactly what a sent");
+    let secs: f64 = field(&run, "transfer_secs").parse().expect("seconds");
+    eprintln!(
+        "100 MiB VM to VM over TCP in {secs:.1} s ({:.1} MiB/s, emulated host: only ratios mean anything)",
+        100.0 / secs
+    );
+    assert_eq!(
+        field(&run, "ports_after"),
+        "0",
+        "TAPs removed with their VMs"
+    );
+}
+
+/// `vhpc run` on TAP devices, in one emulated host: an existing persistent TAP (busybox
+/// tunctl) with a given MAC, through which the guest pings the host; and a missing TAP,
+/// which vhpc creates and which is gone after the run.
+#[test]
+#[ignore = "lab test: boots emulated hosts; run by scripts/test.sh"]
+fn vhpc_run_on_an_existing_or_new_tap_reaches_the_host() {
+    let run = lab(
+        2,
+        r#"tunctl -t tap9 > /dev/null && ip addr add 10.0.9.1/24 dev tap9 && ip link set tap9 up
+vhpc run --net tap=tap9,mac=52:54:00:12:34:56 -- sh -c 'echo mac=$(cat /sys/class/net/eth0/address); ip addr add 10.0.9.2/24 dev eth0 && ip link set eth0 up && ping -c 3 -W 5 10.0.9.1 > /dev/null; echo guest_ping=$?'
+echo run1=$?
+echo tap9_after=$(ls /sys/class/net | grep -c '^tap9$')
+VHPC_LOG=info vhpc run --net tap=newtap --net tap=tap9 -- sh -c 'echo nics=$(ls /sys/class/net | grep -c eth)' 2> /tmp/log
+echo run2=$?
+grep -q 'created TAP device newtap' /tmp/log && echo created_logged=yes
+grep -q 'using the existing TAP device tap9' /tmp/log && echo existing_logged=yes
+echo newtap_after=$(ls /sys/class/net | grep -c '^newtap$')"#,
+    );
+    assert_eq!(run.status, 0);
+    assert_eq!(field(&run, "mac"), "52:54:00:12:34:56");
+    assert_eq!(field(&run, "guest_ping"), "0", "the guest reaches the host");
+    assert_eq!(field(&run, "run1"), "0");
+    assert_eq!(field(&run, "tap9_after"), "1", "an existing TAP stays");
+    assert_eq!(field(&run, "run2"), "0");
+    assert_eq!(field(&run, "nics"), "2");
+    assert_eq!(field(&run, "created_logged"), "yes");
+    assert_eq!(field(&run, "existing_logged"), "yes");
+    assert_eq!(
+        field(&run, "newtap_after"),
+        "0",
+        "a TAP vhpc created goes with the VM"
+    );
+}

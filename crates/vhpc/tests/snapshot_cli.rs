@@ -54,6 +54,7 @@ fn chain_of_a_counting_guest(root: &Path, n: u64) {
         initramfs: None,
         cmdline: format!("count={n}"),
         disks: Vec::new(),
+        nets: Vec::new(),
     };
     let io = VmIo {
         console: Box::new(std::io::sink()),
@@ -94,7 +95,7 @@ fn restore_inspect_and_merge_through_the_cli() {
         String::from_utf8_lossy(&out.stderr)
     );
     for needle in [
-        "VHPCSNAP version 1",
+        "VHPCSNAP version 2",
         "vcpu.0 v1",
         "irqchip v1",
         "CRC-32 ok",

@@ -6,7 +6,7 @@
 //! - [`vcpu_state`], [`vm_state`] the state of a vCPU and of a VM, for save → restore;
 //!   [`device_state`] the device models' part of it;
 //! - [`pci_devices`] the PCI bus and virtio devices, wired to KVM (irqfd, ioeventfd, MSI
-//!   routes);
+//!   routes); [`net_backend`] the host side of a network interface (TAP, bridge);
 //! - [`snapshot`] checkpoints on disk (full, incremental), lazy restore, merge, inspect;
 //! - [`migration`] live migration to another VMM process over a stream (pre-copy);
 //! - [`acpi`] the ACPI tables; [`console`] the console sink that watches for panics;
@@ -24,6 +24,7 @@ pub mod host;
 pub mod layout;
 pub mod memory;
 pub mod migration;
+pub mod net_backend;
 pub mod pci_devices;
 pub mod snapshot;
 pub mod vcpu;

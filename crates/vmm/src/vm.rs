@@ -270,7 +270,7 @@ impl Vm {
         let (mut pio, legacy) = build_devices(&fd, Box::new(console), agent, &events_tx)?;
         let agent_port = legacy.agent_port.clone();
         let legacy = legacy.saved;
-        let pci = crate::pci_devices::build(&fd, &mem, &config.disks, &mut pio)?;
+        let pci = crate::pci_devices::build(&fd, &mem, &config.disks, &config.nets, &mut pio)?;
         let bus = Arc::new(Buses { pio, pci });
         Ok(Vm {
             fd,

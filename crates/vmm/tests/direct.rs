@@ -41,6 +41,7 @@ fn config(vcpus: u32, memory_mib: u64, cmdline: &str) -> VmConfig {
         initramfs: None,
         cmdline: cmdline.into(),
         disks: Vec::new(),
+        nets: Vec::new(),
     }
 }
 

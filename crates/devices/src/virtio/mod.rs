@@ -6,7 +6,8 @@
 //!   device status;
 //! - [`transport_state`] what a checkpoint keeps of a virtio-pci device;
 //! - [`worker`] the thread that does a device's work, woken only by queue eventfds;
-//! - [`block`] virtio-blk on raw image files.
+//! - [`block`] virtio-blk on raw image files;
+//! - [`net`] virtio-net on a TAP device.
 //!
 //! A device is a [`VirtioBackend`] (identity, features, config space) that hands a
 //! [`QueueHandler`] to its worker thread when the driver sets DRIVER_OK. Everything the guest
@@ -15,9 +16,12 @@
 
 pub mod block;
 pub mod common_cfg;
+pub mod net;
 pub mod pci_transport;
 pub mod transport_state;
 pub mod worker;
+
+use std::os::fd::RawFd;
 
 use virtio_queue::Queue;
 
@@ -83,4 +87,29 @@ pub trait QueueHandler: Send {
         queue: &mut Queue,
         mem: &GuestMemory,
     ) -> Result<bool, QueueError>;
+
+    /// Host-side fds the worker also waits on (readable), e.g. a TAP device; none by default
+    /// (a disk has nothing to wait for but its queue).
+    fn backend_fds(&self) -> Vec<RawFd> {
+        Vec::new()
+    }
+
+    /// Whether the worker should wait on backend fd `index` now. A device returns false while
+    /// it could not use what the fd has (say, no receive buffers from the guest), so a ready
+    /// fd never makes the worker spin; the worker asks again after every call into the
+    /// handler.
+    fn backend_wanted(&self, _index: usize) -> bool {
+        true
+    }
+
+    /// Backend fd `index` is readable. Returns the queues that got used entries (their
+    /// vectors are raised).
+    fn backend_ready(
+        &mut self,
+        _index: usize,
+        _queues: &mut [Queue],
+        _mem: &GuestMemory,
+    ) -> Result<Vec<usize>, QueueError> {
+        Ok(Vec::new())
+    }
 }

@@ -4,9 +4,12 @@
 //! signals when the guest writes the notify register: ioeventfd) and a stop eventfd, so an
 //! idle device costs nothing and adds no wake-ups. When a queue's eventfd fires it drains the
 //! eventfd, lets the [`QueueHandler`] process the queue, and raises the queue's MSI-X vector
-//! if anything was used. vCPU threads never do device work beyond register accesses.
+//! if anything was used. A device may also hand it host fds to wait on (a TAP device): those
+//! are watched only while the device says it can use what they bring ([`QueueHandler::
+//! backend_wanted`]), so a readable fd with nowhere to put its data never makes the thread
+//! spin. vCPU threads never do device work beyond register accesses.
 
-use std::os::fd::AsRawFd;
+use std::os::fd::{AsRawFd, RawFd};
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::thread::JoinHandle;
@@ -18,7 +21,7 @@ use vmm_sys_util::eventfd::{EFD_NONBLOCK, EventFd};
 use super::{GuestMemory, QueueHandler};
 use crate::pci::msix::MsixVectors;
 
-/// What a worker thread needs.
+/// What a worker thread needs (and hands back when stopped).
 pub struct WorkerParts {
     /// For the thread name and log lines (e.g. "virtio-blk0").
     pub name: String,
@@ -64,11 +67,19 @@ impl Worker {
             stop_rx.as_raw_fd(),
             EpollEvent::new(EventSet::IN, u64::MAX),
         )?;
+        let backend = parts
+            .handler
+            .backend_fds()
+            .into_iter()
+            .map(|fd| (fd, false))
+            .collect();
+        let mut state = Backends { fds: backend };
+        state.update(&epoll, &*parts.handler, false, parts.events.len())?;
         let thread = std::thread::Builder::new()
             .name(parts.name.clone())
             .spawn(move || {
                 let _stop = stop_rx; // Keep the fd registered with epoll alive.
-                run(parts, &epoll)
+                run(parts, state, &epoll)
             })?;
         Ok(Worker {
             stop,
@@ -101,8 +112,41 @@ impl Drop for Worker {
     }
 }
 
-fn run(mut p: WorkerParts, epoll: &Epoll) -> WorkerParts {
-    let mut ready = vec![EpollEvent::default(); p.events.len() + 1];
+/// The device's backend fds and whether each is registered with epoll now.
+struct Backends {
+    fds: Vec<(RawFd, bool)>,
+}
+
+impl Backends {
+    /// Registers the fds the handler wants watched and removes the others (all of them once
+    /// the device needs a reset). Their epoll tokens follow the queues' (`first_token + i`).
+    fn update(
+        &mut self,
+        epoll: &Epoll,
+        handler: &dyn QueueHandler,
+        broken: bool,
+        first_token: usize,
+    ) -> std::io::Result<()> {
+        for (i, (fd, registered)) in self.fds.iter_mut().enumerate() {
+            let wanted = !broken && handler.backend_wanted(i);
+            if wanted == *registered {
+                continue;
+            }
+            let event = EpollEvent::new(EventSet::IN, (first_token + i) as u64);
+            let op = if wanted {
+                ControlOperation::Add
+            } else {
+                ControlOperation::Delete
+            };
+            epoll.ctl(op, *fd, event)?;
+            *registered = wanted;
+        }
+        Ok(())
+    }
+}
+
+fn run(mut p: WorkerParts, mut backends: Backends, epoll: &Epoll) -> WorkerParts {
+    let mut ready = vec![EpollEvent::default(); p.events.len() + backends.fds.len() + 1];
     loop {
         let n = match epoll.wait(-1, &mut ready) {
             Ok(n) => n,
@@ -112,16 +156,56 @@ fn run(mut p: WorkerParts, epoll: &Epoll) -> WorkerParts {
                 return p;
             }
         };
-        // Serve the queues first: a notification that arrived with the stop is not left for
-        // the restored VM to find out about.
+        // Serve the queues and backends first: a notification that arrived with the stop is
+        // not left for the restored VM to find out about.
         for event in &ready[..n] {
-            if event.data() != u64::MAX {
-                service(&mut p, event.data() as usize);
+            let index = event.data();
+            if index == u64::MAX {
+                continue;
+            }
+            let (index, queues) = (index as usize, p.events.len());
+            if index < queues {
+                service(&mut p, index);
+            } else {
+                service_backend(&mut p, index - queues);
             }
         }
         if ready[..n].iter().any(|e| e.data() == u64::MAX) {
             return p;
         }
+        let broken = p.needs_reset.load(Ordering::Relaxed);
+        if let Err(e) = backends.update(epoll, &*p.handler, broken, p.events.len()) {
+            log::warn!(
+                "{}: cannot watch its backend ({e}); the device stops",
+                p.name
+            );
+            return p;
+        }
+    }
+}
+
+/// Handles a ready backend fd.
+fn service_backend(p: &mut WorkerParts, index: usize) {
+    if p.needs_reset.load(Ordering::Relaxed) {
+        return;
+    }
+    match p.handler.backend_ready(index, &mut p.queues, &p.mem) {
+        Ok(used) => {
+            for q in used {
+                if let Some(&vector) = p.vectors.get(q) {
+                    p.msix.trigger(vector);
+                }
+            }
+        }
+        Err(e) => broken(p, &format!("backend {index}: {e}")),
+    }
+}
+
+/// A queue turned out unusable: the device waits for a reset and tells the driver.
+fn broken(p: &WorkerParts, what: &str) {
+    if !p.needs_reset.swap(true, Ordering::Relaxed) {
+        log::warn!("{}: {what}", p.name);
+        p.msix.trigger(p.config_vector);
     }
 }
 
@@ -141,11 +225,6 @@ fn service(p: &mut WorkerParts, index: usize) {
     match p.handler.process(index, queue, &p.mem) {
         Ok(true) => p.msix.trigger(p.vectors[index]),
         Ok(false) => {}
-        Err(e) => {
-            if !p.needs_reset.swap(true, Ordering::Relaxed) {
-                log::warn!("{}: queue {index}: {e}", p.name);
-                p.msix.trigger(p.config_vector);
-            }
-        }
+        Err(e) => broken(p, &format!("queue {index}: {e}")),
     }
 }

@@ -47,6 +47,7 @@ impl Backend for Fake {
                 initramfs: Some(PathBuf::from("/i")),
                 cmdline: "console=ttyS0".into(),
                 disks: Vec::new(),
+                nets: Vec::new(),
             },
         }
     }

@@ -47,6 +47,7 @@ fn vm_config(args: &StartArgs) -> anyhow::Result<VmConfig> {
         initramfs: Some(absolute(initramfs)),
         cmdline: format!("{} {SERVE_FLAG}", crate::run_cmd::default_cmdline(false)),
         disks: args.disks.iter().map(absolute_disk).collect(),
+        nets: crate::net_names::for_vm(&args.name, &args.nets),
     };
     if let Some(rootfs) = &args.rootfs {
         crate::rootfs_arg::attach(&mut config, &absolute_disk(rootfs))?;
@@ -475,6 +476,12 @@ pub fn stop(name: &str, timeout: u64) -> anyhow::Result<i32> {
             bail!("VM {name}: the VMM (pid {pid}) is still alive after SIGKILL");
         }
     }
+    // The lock goes when the VMM closes its files, which it does one by one: wait until it
+    // has closed them all, so its TAP devices are gone too (a `vm start` of the same name
+    // right after needs their names).
+    if pid > 0 && !process_exited(pid, Duration::from_secs(5)) {
+        log::warn!("VM {name}: the VMM (pid {pid}) released its lock but has not exited yet");
+    }
     dir.remove()?;
     Ok(0)
 }
@@ -492,6 +499,27 @@ fn wait_for_agent(dir: &VmDir, timeout: Duration) {
             Ok(info) if info.state != VmRunState::Booting => return,
             _ => std::thread::sleep(Duration::from_millis(100)),
         }
+    }
+}
+
+/// Waits until process `pid` is gone or a zombie (its files are closed by then).
+fn process_exited(pid: u32, within: Duration) -> bool {
+    let deadline = Instant::now() + within;
+    loop {
+        // /proc/PID/stat: "PID (COMM) STATE ..."; COMM may hold spaces and parentheses.
+        let state = std::fs::read_to_string(format!("/proc/{pid}/stat"))
+            .ok()
+            .and_then(|s| {
+                s.rsplit_once(')')
+                    .and_then(|(_, rest)| rest.trim_start().chars().next())
+            });
+        if matches!(state, None | Some('Z' | 'X')) {
+            return true;
+        }
+        if Instant::now() >= deadline {
+            return false;
+        }
+        std::thread::sleep(Duration::from_millis(20));
     }
 }
 

@@ -73,6 +73,11 @@ pub struct StartArgs {
     /// read-only.
     #[arg(long, value_name = "IMG[,ro]")]
     pub rootfs: Option<vhpc_api::DiskConfig>,
+    /// Add a virtio-net interface (repeatable: eth0, eth1, ...): on TAP device NAME (used if
+    /// it exists, else created), or on a new TAP vhpc-NAME-N attached to bridge BR. Default
+    /// MAC: derived from the VM's name and the interface's index.
+    #[arg(long = "net", value_name = "tap=NAME|bridge=BR[,mac=MAC]")]
+    pub nets: Vec<vhpc_api::NetConfig>,
     /// Seconds to wait for the guest agent to answer.
     #[arg(long, default_value_t = 120)]
     pub timeout: u64,

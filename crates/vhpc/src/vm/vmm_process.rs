@@ -154,9 +154,15 @@ fn receive(
     io: VmIo,
     args: &ServeArgs,
 ) -> anyhow::Result<vhpc_vmm::migration::Incoming> {
+    let name = dir.name.clone();
     let opts = vhpc_vmm::migration::ReceiveOptions {
         force: args.force,
         limits: Some(vhpc_vmm::vm::current_host_limits()?),
+        // A bridge interface's TAP is named after the VM (the source's still exists while
+        // the VM moves); its MAC, which the guest sees, stays.
+        adapt_config: Some(Box::new(move |config| {
+            config.nets = crate::net_names::retap_for_vm(&name, &config.nets);
+        })),
     };
     let timeout = Duration::from_secs(args.incoming_timeout);
     migrate_vm::receive_in(dir, listen, io, &opts, timeout).inspect_err(|e| {

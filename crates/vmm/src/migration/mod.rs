@@ -12,7 +12,7 @@ use std::time::Duration;
 
 pub use receive::{Incoming, receive};
 pub use send::{MigrationStats, migrate};
-use vhpc_api::HostLimits;
+use vhpc_api::{HostLimits, VmConfig};
 
 use crate::vm::VmError;
 
@@ -39,13 +39,20 @@ impl Default for MigrationOptions {
 }
 
 /// How the destination receives.
-#[derive(Clone, Debug, Default)]
+#[derive(Default)]
 pub struct ReceiveOptions {
     /// Take the VM even from a host with another CPU model, or with disks that look changed.
     pub force: bool,
     /// Refuse a VM that does not fit these limits (this host's).
     pub limits: Option<HostLimits>,
+    /// Adapts the source's config to this side before the VM is built (e.g. the names of the
+    /// TAP devices its interfaces get here); what the guest sees (memory, vCPUs, MACs, disks)
+    /// must stay as it was.
+    pub adapt_config: Option<ConfigAdapter>,
 }
+
+/// See [`ReceiveOptions::adapt_config`].
+pub type ConfigAdapter = Box<dyn Fn(&mut VmConfig) + Send + Sync>;
 
 /// Where a migration is.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]

@@ -49,7 +49,10 @@ fn receive_inner<S: Read + Write>(
     progress: &mut dyn FnMut(&Progress),
 ) -> Result<Incoming, MigrationError> {
     let start = std::time::Instant::now();
-    let hello: Hello = expect(stream, Kind::Hello)?.postcard()?;
+    let mut hello: Hello = expect(stream, Kind::Hello)?.postcard()?;
+    if let Some(adapt) = &opts.adapt_config {
+        adapt(&mut hello.config);
+    }
     if let Err(reason) = check_hello(&hello, opts) {
         let _ = wire::write_frame(stream, Kind::Refuse, reason.as_bytes());
         return Err(MigrationError::Refused(reason));

@@ -21,7 +21,8 @@ use serde::{Deserialize, Serialize};
 use vhpc_api::VmConfig;
 
 pub const MAGIC: [u8; 8] = *b"VHPCSNAP";
-pub const FORMAT_VERSION: u32 = 1;
+/// 2: the body's VmConfig has `nets` (virtio-net interfaces); version 1 bodies lack it.
+pub const FORMAT_VERSION: u32 = 2;
 pub const HEADER_LEN: usize = 32;
 /// A body larger than this is damage, not a checkpoint (vCPU state is a few KiB per vCPU).
 const MAX_BODY_LEN: u64 = 1 << 30;
@@ -329,6 +330,7 @@ pub(crate) mod tests {
                 initramfs: None,
                 cmdline: "count=0".into(),
                 disks: Vec::new(),
+                nets: Vec::new(),
             },
             memory: MemoryRecord {
                 regions: vec![RegionRecord {
@@ -376,10 +378,10 @@ pub(crate) mod tests {
             FormatError::WrongMagic { .. }
         ));
         assert_eq!(
-            err(&|b| b[8] = 2),
+            err(&|b| b[8] = 3),
             FormatError::UnsupportedVersion {
-                found: 2,
-                supported: 1
+                found: 3,
+                supported: 2
             }
         );
         assert_eq!(err(&|b| b[17] ^= 1), FormatError::HeaderChecksum);

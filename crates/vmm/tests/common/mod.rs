@@ -31,6 +31,7 @@ pub fn config(vcpus: u32, memory_mib: u64, cmdline: &str) -> VmConfig {
         initramfs: None,
         cmdline: cmdline.into(),
         disks: Vec::new(),
+        nets: Vec::new(),
     }
 }
 

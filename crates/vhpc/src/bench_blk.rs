@@ -11,7 +11,7 @@ use anyhow::{Context, bail};
 use vhpc_guest::protocol::{Frame, FrameDecoder};
 use vhpc_image::cache::Cache;
 
-use crate::bench_measure::{Reap, reap, stats};
+use crate::bench_measure::{Reap, reap, stats, write_initramfs_with_command};
 use crate::cli::BenchBlkArgs;
 use crate::guest_io::{IoResult, parse_result};
 use crate::run_cmd::default_cmdline;
@@ -65,17 +65,8 @@ fn prepare(args: &BenchBlkArgs) -> anyhow::Result<Setup> {
     let cache = Cache::from_env();
     let dir = args.dir.clone();
     std::fs::create_dir_all(&dir).with_context(|| format!("cannot create {}", dir.display()))?;
-    let mut initramfs = std::fs::read(cache.initramfs_path()).with_context(|| {
-        format!(
-            "cannot read {}; run `vhpc image initramfs`",
-            cache.initramfs_path().display()
-        )
-    })?;
-    initramfs.resize(initramfs.len().next_multiple_of(4), 0);
-    initramfs.extend(vhpc_image::initramfs::command_archive(&guest_command(args)));
     let initramfs_path = dir.join("bench-blk-initramfs.cpio");
-    std::fs::write(&initramfs_path, &initramfs)
-        .with_context(|| format!("cannot write {}", initramfs_path.display()))?;
+    write_initramfs_with_command(&cache, &guest_command(args), &initramfs_path)?;
     // Every byte written (no sparse holes): reads then come from the file, not from zeroes.
     let disk = dir.join("bench-blk-disk.img");
     let chunk: Vec<u8> = (0..1 << 20).map(|i: u32| (i % 251) as u8).collect();

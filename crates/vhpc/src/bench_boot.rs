@@ -13,7 +13,7 @@ use std::time::{Duration, Instant};
 use anyhow::{Context, bail};
 use vhpc_image::cache::Cache;
 
-use crate::bench_measure::{Reap, reap, stats, vmm_rss_kib};
+use crate::bench_measure::{Reap, reap, stats, vmm_rss_kib, write_initramfs_with_command};
 use crate::cli::BenchBootArgs;
 use crate::run_cmd::default_cmdline;
 
@@ -156,19 +156,8 @@ fn median(v: Vec<f64>) -> f64 {
 
 fn prepare_guest(args: &BenchBootArgs, dir: &Path) -> anyhow::Result<Guest> {
     let cache = Cache::from_env();
-    let mut initramfs = std::fs::read(cache.initramfs_path()).with_context(|| {
-        format!(
-            "cannot read {}; run `vhpc image initramfs`",
-            cache.initramfs_path().display()
-        )
-    })?;
-    initramfs.resize(initramfs.len().next_multiple_of(4), 0);
-    initramfs.extend(vhpc_image::initramfs::command_archive(
-        &["true".to_string()],
-    ));
     let path = dir.join("bench-initramfs.cpio");
-    std::fs::write(&path, &initramfs)
-        .with_context(|| format!("cannot write {}", path.display()))?;
+    write_initramfs_with_command(&cache, &["true".to_string()], &path)?;
     Ok(Guest {
         kernel: cache.kernel_path(),
         initramfs: path,

@@ -29,6 +29,24 @@ fn vmm_rss_from_smaps(smaps: &str, guest_kib: u64) -> u64 {
     total
 }
 
+/// Writes to `path` the cached guest initramfs with the command archive for `argv` appended:
+/// what `vhpc run -- ARGV` gives its guest, as a file another VMM (QEMU) can boot too.
+pub fn write_initramfs_with_command(
+    cache: &vhpc_image::cache::Cache,
+    argv: &[String],
+    path: &std::path::Path,
+) -> anyhow::Result<()> {
+    let mut initramfs = std::fs::read(cache.initramfs_path()).with_context(|| {
+        format!(
+            "cannot read {}; run `vhpc image initramfs`",
+            cache.initramfs_path().display()
+        )
+    })?;
+    initramfs.resize(initramfs.len().next_multiple_of(4), 0);
+    initramfs.extend(vhpc_image::initramfs::command_archive(argv));
+    std::fs::write(path, &initramfs).with_context(|| format!("cannot write {}", path.display()))
+}
+
 /// What a reaped process used.
 #[derive(Clone, Copy, Debug)]
 pub struct Usage {

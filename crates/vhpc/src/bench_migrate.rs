@@ -15,7 +15,7 @@ use anyhow::{Context, bail};
 use vhpc_api::rest::{MigrateDone, MigrateEvent, MigrateRequest};
 use vhpc_image::cache::Cache;
 
-use crate::bench_measure::stats;
+use crate::bench_measure::{stats, write_initramfs_with_command};
 use crate::bench_qemu::Qemu;
 use crate::cli::BenchMigrateArgs;
 use crate::run_cmd::default_cmdline;
@@ -130,20 +130,11 @@ struct QemuGuest {
 
 fn qemu_guest(loads: &[Load], dir: &Path) -> anyhow::Result<QemuGuest> {
     let cache = Cache::from_env();
-    let base = std::fs::read(cache.initramfs_path()).with_context(|| {
-        format!(
-            "cannot read {}; run `vhpc image initramfs`",
-            cache.initramfs_path().display()
-        )
-    })?;
     let mut initramfs = Vec::new();
     for (i, &load) in loads.iter().enumerate() {
-        let mut bytes = base.clone();
-        bytes.resize(bytes.len().next_multiple_of(4), 0);
         let argv = ["sh".to_string(), "-c".to_string(), load.command()];
-        bytes.extend(vhpc_image::initramfs::command_archive(&argv));
         let path = dir.join(format!("bench-migrate-{i}.cpio"));
-        std::fs::write(&path, bytes).with_context(|| format!("cannot write {}", path.display()))?;
+        write_initramfs_with_command(&cache, &argv, &path)?;
         initramfs.push((load, path));
     }
     Ok(QemuGuest {

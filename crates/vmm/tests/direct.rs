@@ -6,53 +6,20 @@
 
 #![allow(clippy::unwrap_used)]
 
+mod common;
+
 use std::collections::BTreeSet;
 use std::time::{Duration, Instant};
 
-use vhpc_api::{MemoryConfig, VmConfig};
+use common::{config, io, require_kvm};
+use vhpc_api::VmConfig;
 use vhpc_testguest::abi;
-use vhpc_vmm::host::{self, KvmKind};
-use vhpc_vmm::{Vm, VmIo, VmOutcome};
+use vhpc_vmm::{Vm, VmOutcome};
 use vm_memory::{Bytes, GuestAddress};
 
 /// Generous: the guest is emulated instruction by instruction and the two cores are shared
 /// with the other tests.
 const WAIT: Duration = Duration::from_secs(60);
-
-fn require_kvm() {
-    match host::kvm_kind() {
-        KvmKind::Missing => panic!(
-            "the direct tests need /dev/kvm (any kind: hardware or kvm_pvm) and there is none \
-             on this machine, or it is not accessible: load kvm, or run as a user in group kvm"
-        ),
-        kind => eprintln!("direct test on /dev/kvm of kind {kind:?}"),
-    }
-}
-
-fn config(vcpus: u32, memory_mib: u64, cmdline: &str) -> VmConfig {
-    VmConfig {
-        vcpus,
-        memory: MemoryConfig {
-            size_mib: memory_mib,
-            hugepages: false,
-            prefault: false,
-        },
-        kernel: vhpc_testguest::elf_path().to_path_buf(),
-        initramfs: None,
-        cmdline: cmdline.into(),
-        disks: Vec::new(),
-        nets: Vec::new(),
-    }
-}
-
-fn io() -> VmIo {
-    VmIo {
-        console: Box::new(std::io::sink()),
-        agent: Box::new(std::io::sink()),
-        extra_initramfs: Vec::new(),
-        timeout: None,
-    }
-}
 
 fn boot(config: &VmConfig) -> Vm {
     require_kvm();

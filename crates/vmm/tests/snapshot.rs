@@ -5,66 +5,18 @@
 
 #![allow(clippy::unwrap_used)]
 
+mod common;
+
 use std::os::unix::fs::MetadataExt;
 use std::path::Path;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
-use vhpc_api::{MemoryConfig, VmConfig};
+use common::{WAIT, config, console, counter, io, wait_for_count};
+use vhpc_api::VmConfig;
 use vhpc_testguest::abi;
-use vhpc_vmm::host::{self, KvmKind};
 use vhpc_vmm::snapshot::{self, CheckpointKind, RestoreOptions, SnapshotError};
-use vhpc_vmm::{Vm, VmIo, VmOutcome};
+use vhpc_vmm::{Vm, VmOutcome};
 use vm_memory::{Bytes, GuestAddress};
-
-const WAIT: Duration = Duration::from_secs(60);
-
-fn config(vcpus: u32, memory_mib: u64, cmdline: &str) -> VmConfig {
-    assert_ne!(
-        host::kvm_kind(),
-        KvmKind::Missing,
-        "the direct tests need /dev/kvm (hardware or kvm_pvm)"
-    );
-    VmConfig {
-        vcpus,
-        memory: MemoryConfig {
-            size_mib: memory_mib,
-            hugepages: false,
-            prefault: false,
-        },
-        kernel: vhpc_testguest::elf_path().to_path_buf(),
-        initramfs: None,
-        cmdline: cmdline.into(),
-        disks: Vec::new(),
-        nets: Vec::new(),
-    }
-}
-
-fn io() -> VmIo {
-    VmIo {
-        console: Box::new(std::io::sink()),
-        agent: Box::new(std::io::sink()),
-        extra_initramfs: Vec::new(),
-        timeout: None,
-    }
-}
-
-fn console(vm: &Vm) -> String {
-    String::from_utf8_lossy(&vm.console_log().contents()).into_owned()
-}
-
-fn counter(vm: &Vm) -> u64 {
-    vm.memory()
-        .read_obj(GuestAddress(abi::RESULTS_ADDR + 8 * abi::RES_COUNTER))
-        .unwrap()
-}
-
-fn wait_for_count(vm: &Vm, at_least: u64) {
-    let start = Instant::now();
-    while counter(vm) < at_least {
-        assert!(start.elapsed() < WAIT, "console:\n{}", console(vm));
-        std::thread::sleep(Duration::from_millis(2));
-    }
-}
 
 /// Restores `dir` into a new VM, runs it to the end and checks the guest's final line: the
 /// count, its checksum and the checksum over the count buffer in memory.

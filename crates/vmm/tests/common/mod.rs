@@ -13,13 +13,21 @@ use vm_memory::{Bytes, GuestAddress};
 
 pub const WAIT: Duration = Duration::from_secs(60);
 
+/// Fails the test, saying why, where there is no usable /dev/kvm: a test that cannot run
+/// must not pass.
+pub fn require_kvm() {
+    match host::kvm_kind() {
+        KvmKind::Missing => panic!(
+            "the direct tests need /dev/kvm (any kind: hardware or kvm_pvm) and there is none \
+             on this machine, or it is not accessible: load kvm, or run as a user in group kvm"
+        ),
+        kind => eprintln!("direct test on /dev/kvm of kind {kind:?}"),
+    }
+}
+
 /// The test guest with `vcpus`, `memory_mib` and its command line `cmdline`.
 pub fn config(vcpus: u32, memory_mib: u64, cmdline: &str) -> VmConfig {
-    assert_ne!(
-        host::kvm_kind(),
-        KvmKind::Missing,
-        "the direct tests need /dev/kvm (hardware or kvm_pvm)"
-    );
+    require_kvm();
     VmConfig {
         vcpus,
         memory: MemoryConfig {

@@ -352,8 +352,6 @@ const CHECKPOINT_HELPERS: &str = "t() { cut -d' ' -f1 /proc/uptime; }; \
      rnd() { vhpc exec $1 -- cat /tmp/mt | sed -n 's/^round=\\([0-9]*\\).*/\\1/p'; }; \
      waitround() { i=0; while [ $i -lt 300 ]; do r=$(rnd $1); \
        [ -n \"$r\" ] && [ \"$r\" -ge $2 ] && return 0; sleep 1; i=$((i+1)); done; return 1; }; \
-     waitdone() { i=0; while [ $i -lt 900 ]; do l=$(vhpc exec $1 -- cat /tmp/mt); \
-       case \"$l\" in done*) echo \"$l\"; return 0;; esac; sleep 3; i=$((i+3)); done; return 1; }; \
      vmmkill() { kill -9 $(cat /run/vhpc/$1/pid); sleep 1; }";
 
 /// The checksum `vhpc guest-memtest` reaches after `rounds` rounds, computed here without

@@ -12,7 +12,7 @@ use crate::protocol::{AGENT_TTY, COMMAND_PATH, Frame, LOAD_ORDER_PATH, decode_ar
 use crate::relay::{self, Reap, RelayError};
 use crate::switch_root::{self, SwitchRootError};
 use crate::tty::{self, TtyError};
-use crate::{modules, mounts, serve};
+use crate::{hostname, loopback, modules, mounts, serve};
 
 /// The status reported when the guest cannot even start the command (its root disk failed):
 /// the same "vhpc error" status the host's `vhpc` uses for its own failures.
@@ -51,7 +51,7 @@ pub fn run_init() -> ! {
     for err in modules::load_listed(Path::new(LOAD_ORDER_PATH)) {
         kmsg::warn(&err.to_string());
     }
-    if let Err(err) = crate::loopback::bring_up() {
+    if let Err(err) = loopback::bring_up() {
         kmsg::warn(&format!("cannot bring up the loopback interface lo: {err}"));
     }
     if let Err(err) = agent() {
@@ -80,6 +80,11 @@ fn agent() -> Result<(), InitError> {
         relay::send(&mut tty, &Frame::Error(msg))?;
         relay::send(&mut tty, &Frame::Exit(SETUP_FAILED))?;
         return tty::drain(&tty).map_err(InitError::Drain);
+    }
+    if let Err(err) = hostname::set_from(Path::new("/etc/hostname")) {
+        kmsg::warn(&format!(
+            "cannot set the hostname from /etc/hostname: {err}"
+        ));
     }
     match command {
         None => serve::serve(&mut tty)?,

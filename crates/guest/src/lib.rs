@@ -10,6 +10,7 @@
 //! two-stage boot: the initramfs loads the drivers, the disk holds the distribution).
 //! The same agent serves as `/init` of the lab's emulated hosts.
 
+mod hostname;
 mod init;
 mod kmsg;
 mod loopback;

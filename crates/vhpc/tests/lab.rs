@@ -368,7 +368,8 @@ fn default_rootfs_image() -> String {
 }
 
 /// `vhpc run --rootfs`: a Debian 12 image built from packages boots as the guest's root
-/// file system (the initramfs is stage one), runs Open MPI's mpirun, returns the command's
+/// file system (the initramfs is stage one), runs Open MPI's mpirun (version and a two-rank
+/// job), returns the command's
 /// status, mounts a `,ro` image read-only, and serves `vhpc exec` in a long-running VM.
 #[test]
 #[ignore = "lab test: boots emulated hosts; run by scripts/test.sh"]
@@ -380,8 +381,12 @@ fn rootfs_image_boots_debian_and_runs_mpirun() {
         &["--disk", &image],
         r#"vhpc run --rootfs /dev/vda -- mpirun --version > /tmp/mpi 2>&1; echo mpirun_status=$?
 sed 's/^/mpi: /' /tmp/mpi
+vhpc run --vcpus 2 --rootfs /dev/vda -- mpirun --allow-run-as-root --oversubscribe -np 2 \
+  sh -c 'echo rank=$OMPI_COMM_WORLD_RANK/$OMPI_COMM_WORLD_SIZE' > /tmp/ranks; echo ranks_status=$?
+sort /tmp/ranks
 vhpc run --rootfs /dev/vda -- sh -c '. /etc/os-release; echo os=$ID-$VERSION_ID
   echo agent=$(test -x /usr/local/bin/vhpc && echo yes)
+  echo host=$(hostname)
   echo root=$(awk "\$2 == \"/\" {print \$1, \$3}" /proc/mounts | tail -1)
   echo initramfs_init=$(test -e /init && echo present || echo gone)
   exit 4'; echo status=$?
@@ -396,8 +401,21 @@ vhpc vm stop deb; echo vm_stop=$?"#,
         run.stdout.contains("mpi: mpirun (Open MPI) 4."),
         "Open MPI's version line"
     );
+    // A real two-rank job: mpirun's launcher and PMIx server need the guest's loopback up.
+    let ranks: Vec<&str> = run
+        .stdout
+        .lines()
+        .filter(|l| l.starts_with("rank="))
+        .collect();
+    assert_eq!(ranks, ["rank=0/2", "rank=1/2"]);
+    assert_eq!(field(&run, "ranks_status"), "0");
     assert_eq!(field(&run, "os"), "debian-12");
     assert_eq!(field(&run, "agent"), "yes", "the agent is in the image");
+    assert_eq!(
+        field(&run, "host"),
+        "vhpc-guest",
+        "hostname from the image's /etc/hostname"
+    );
     assert_eq!(field(&run, "root"), "/dev/vda ext4");
     assert_eq!(
         field(&run, "initramfs_init"),

@@ -22,6 +22,9 @@ use thiserror::Error;
 
 pub use spec::{DEFAULT_PACKAGES, RootfsSpec, cached_image_path};
 
+/// The hostname of a guest booted from the image (its /etc/hostname).
+pub const GUEST_HOSTNAME: &str = "vhpc-guest";
+
 /// Where the guest agent goes inside the image.
 pub const AGENT_PATH: &str = "usr/local/bin/vhpc";
 
@@ -140,6 +143,7 @@ pub fn build_rootfs(
         started.elapsed().as_secs_f64()
     ));
     install_agent(agent, &work.root)?;
+    set_identity(&work.root)?;
     clean_apt(&work.root)?;
     let content =
         size::measure(&work.root).map_err(RootfsError::io("measure the tree", &work.root))?;
@@ -185,6 +189,23 @@ fn install_agent(agent: &Path, root: &Path) -> Result<(), RootfsError> {
     std::fs::copy(agent, &dest).map_err(RootfsError::io("copy the agent to", &dest))?;
     std::fs::set_permissions(&dest, std::fs::Permissions::from_mode(0o755))
         .map_err(RootfsError::io("make executable", &dest))
+}
+
+/// The guest's name, so nothing of the build host's (debootstrap copies its /etc/hosts) ends
+/// up in the image: /etc/hostname (which the guest's /init sets) and a matching /etc/hosts.
+fn set_identity(root: &Path) -> Result<(), RootfsError> {
+    let write = |rel: &str, text: String| {
+        let path = root.join(rel);
+        std::fs::write(&path, text).map_err(RootfsError::io("write", &path))
+    };
+    write("etc/hostname", format!("{GUEST_HOSTNAME}\n"))?;
+    write(
+        "etc/hosts",
+        format!(
+            "127.0.0.1\tlocalhost\n127.0.1.1\t{GUEST_HOSTNAME}\n\
+             ::1\tlocalhost ip6-localhost ip6-loopback\n"
+        ),
+    )
 }
 
 /// Removes the downloaded .debs, apt's binary caches and the package lists (an `apt-get
@@ -279,6 +300,18 @@ mod tests {
         assert_eq!(choose_size(&spec, &content).unwrap(), 1 << 30);
         spec.size_bytes = None;
         assert_eq!(choose_size(&spec, &content).unwrap(), content.image_bytes());
+    }
+
+    #[test]
+    fn the_image_names_its_guest() {
+        let dir = tempfile::tempdir().unwrap();
+        std::fs::create_dir(dir.path().join("etc")).unwrap();
+        std::fs::write(dir.path().join("etc/hosts"), "10.1.2.3 buildhost\n").unwrap();
+        set_identity(dir.path()).unwrap();
+        let read = |p: &str| std::fs::read_to_string(dir.path().join(p)).unwrap();
+        assert_eq!(read("etc/hostname"), "vhpc-guest\n");
+        let hosts = read("etc/hosts");
+        assert!(hosts.contains("127.0.1.1\tvhpc-guest\n") && !hosts.contains("buildhost"));
     }
 
     #[test]

@@ -16,7 +16,7 @@ pub const DEFAULT_PACKAGES: &[&str] = &["openmpi-bin"];
 pub const FALLBACK_MIRROR: &str = "http://deb.debian.org/debian";
 /// Bumped whenever the build changes what lands in an image for the same packages, so cached
 /// images of an older build are not reused.
-const BUILD_FORMAT: u32 = 1;
+const BUILD_FORMAT: u32 = 2;
 
 /// A validated description of one image.
 #[derive(Debug, Clone, PartialEq, Eq)]

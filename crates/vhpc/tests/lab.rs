@@ -746,8 +746,10 @@ fn a_vm_with_a_busy_disk_survives_checkpoint_and_restore_and_a_changed_disk_is_r
 #[test]
 #[ignore = "lab test: boots emulated hosts; run by scripts/test.sh"]
 fn two_vms_on_a_bridge_ping_each_other_and_move_100_mib_over_tcp() {
-    let run = lab(
+    // The transfer alone took 3-4 minutes on a quiet machine; CI runs two lab tests at once.
+    let run = lab_with_timeout(
         2,
+        1800,
         r#"brctl addbr br0 && ip link set br0 up
 t() { cut -d' ' -f1 /proc/uptime; }
 vhpc vm start a --memory 384 --net bridge=br0 || exit 1

@@ -502,7 +502,10 @@ fn wait_for_agent(dir: &VmDir, timeout: Duration) {
     }
 }
 
-/// Waits until process `pid` is gone or a zombie (its files are closed by then).
+/// Waits until process `pid` has closed its files: it is gone, or a zombie whose other
+/// threads have all exited too. (A multi-threaded process's leader turns zombie while its
+/// other threads are still exiting, and the last of them closes the shared fds, TAPs
+/// included.)
 fn process_exited(pid: u32, within: Duration) -> bool {
     let deadline = Instant::now() + within;
     loop {
@@ -513,8 +516,11 @@ fn process_exited(pid: u32, within: Duration) -> bool {
                 s.rsplit_once(')')
                     .and_then(|(_, rest)| rest.trim_start().chars().next())
             });
-        if matches!(state, None | Some('Z' | 'X')) {
-            return true;
+        let threads = std::fs::read_dir(format!("/proc/{pid}/task")).map_or(0, Iterator::count);
+        match state {
+            None => return true,
+            Some('Z' | 'X') if threads <= 1 => return true,
+            _ => {}
         }
         if Instant::now() >= deadline {
             return false;

@@ -478,8 +478,7 @@ fn two_lab_hosts_on_one_network() {
 #[ignore = "lab test: boots emulated hosts; run by scripts/test.sh"]
 fn live_migration_moves_a_running_vm_and_a_broken_one_leaves_the_source_running() {
     let script = format!(
-        "ip link set lo up; \
-         vhpc vm start a --memory 256; echo start=$?; \
+        "vhpc vm start a --memory 256; echo start=$?; \
          vhpc exec a -- sh -c '{COUNTER}'; sleep 2; \
          up0=$(vhpc exec a -- cut -d' ' -f1 /proc/uptime); \
          vhpc vm receive x --listen 127.0.0.1:7001; echo recv_x=$?; \

@@ -846,3 +846,40 @@ echo newtap_after=$(ls /sys/class/net | grep -c '^newtap$')"#,
         "a TAP vhpc created goes with the VM"
     );
 }
+
+#[test]
+#[ignore = "lab test: boots emulated hosts; run by scripts/test.sh"]
+fn live_migration_between_two_emulated_hosts() {
+    let script = format!(
+        "vhpc vm start a --memory 256; echo start=$?; \
+         vhpc exec a -- sh -c '{COUNTER}'; sleep 2; \
+         c0=$(vhpc exec a -- cat /tmp/c); \
+         vhpc lab on 2 -- vhpc vm receive b --listen 0.0.0.0:7000; echo recv=$?; \
+         vhpc migrate a --to 10.0.2.12:7000; echo migrate=$?; \
+         c1=$(vhpc lab on 2 -- vhpc exec b -- cat /tmp/c); echo exec_b=$?; \
+         sleep 2; c2=$(vhpc lab on 2 -- vhpc exec b -- cat /tmp/c); \
+         echo moved_delta=$((c1-c0)); echo running_delta=$((c2-c1)); \
+         echo a_left=$(vhpc vm list | grep -c '^a '); \
+         echo b_there=$(vhpc lab on 2 -- vhpc vm list | grep -c '^b .* running ')"
+    );
+    let run = lab_with_args(2, 1500, &["--hosts", "2", "--memory", "1024"], &script);
+    assert_eq!(run.status, 0);
+    assert_eq!(field(&run, "start"), "0");
+    assert_eq!(field(&run, "recv"), "0");
+    assert_eq!(
+        field(&run, "migrate"),
+        "0",
+        "host 1 → host 2 over the lab network"
+    );
+    assert!(run.stderr.contains("migrated to 10.0.2.12:7000"));
+    assert_eq!(field(&run, "exec_b"), "0", "the agent answers on host 2");
+    let moved: i64 = field(&run, "moved_delta").parse().expect("counter");
+    let running: i64 = field(&run, "running_delta").parse().expect("counter");
+    assert!(
+        moved > 0,
+        "the guest's counter came along and went on ({moved})"
+    );
+    assert!(running > 0, "and runs on on host 2");
+    assert_eq!(field(&run, "a_left"), "0", "nothing left on host 1");
+    assert_eq!(field(&run, "b_there"), "1");
+}

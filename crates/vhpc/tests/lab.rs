@@ -883,3 +883,61 @@ fn live_migration_between_two_emulated_hosts() {
     assert_eq!(field(&run, "a_left"), "0", "nothing left on host 1");
     assert_eq!(field(&run, "b_there"), "1");
 }
+
+#[test]
+#[ignore = "lab test: boots emulated hosts; run by scripts/test.sh"]
+fn a_tcp_connection_from_another_vm_survives_a_live_migration() {
+    // busybox nc ends a connection when its stdin ends: the receiver's stdin is a pipe that
+    // stays open.
+    let script = r#"brctl addbr br0 && ip link set br0 up
+vhpc vm start a --memory 256 --net bridge=br0 || exit 1
+vhpc vm start c --memory 256 --net bridge=br0 || exit 1
+vhpc exec a -- sh -c 'ip addr add 10.0.0.1/24 dev eth0 && ip link set eth0 up'
+vhpc exec c -- sh -c 'ip addr add 10.0.0.3/24 dev eth0 && ip link set eth0 up'
+vhpc exec a -- sh -c 'sleep 100000 | nc -l -p 5000 > /tmp/recv 2>/dev/null &'
+sleep 1
+vhpc exec c -- sh -c '(i=0; while true; do i=$((i+1)); echo tick$i; sleep 0.2; done) | nc 10.0.0.1 5000 > /dev/null 2>&1 &'
+sleep 3
+before=$(vhpc exec a -- sh -c 'wc -l < /tmp/recv')
+vhpc vm receive b --listen 127.0.0.1:7000
+vhpc migrate a --to 127.0.0.1:7000; echo migrate=$?
+sleep 6
+mid=$(vhpc exec b -- sh -c 'wc -l < /tmp/recv')
+sleep 4
+after=$(vhpc exec b -- sh -c 'wc -l < /tmp/recv')
+echo before=$before; echo mid=$mid; echo after=$after
+echo mac_b=$(vhpc exec b -- cat /sys/class/net/eth0/address)
+echo ports=$(ls /sys/class/net/br0/brif | tr '\n' ' ')
+echo last=$(vhpc exec b -- tail -1 /tmp/recv)
+vhpc exec c -- sh -c 'ps | grep -c "[n]c 10.0.0.1"' | sed 's/^/nc_alive=/'
+vhpc vm stop b; vhpc vm stop c"#;
+    let run = lab_with_timeout(2, 1500, script);
+    assert_eq!(run.status, 0);
+    assert_eq!(field(&run, "migrate"), "0");
+    let n = |k: &str| -> i64 { field(&run, k).trim().parse().expect("line count") };
+    let (before, mid, after) = (n("before"), n("mid"), n("after"));
+    assert!(before > 0, "the stream flowed before the move");
+    assert!(
+        mid > before,
+        "the receiver's data came along and grew ({before} → {mid})"
+    );
+    assert!(
+        after > mid,
+        "the same connection still delivers after the move ({mid} → {after})"
+    );
+    assert!(
+        field(&run, "last").starts_with("tick"),
+        "{}",
+        field(&run, "last")
+    );
+    assert_eq!(
+        field(&run, "nc_alive"),
+        "1",
+        "the sender's connection never broke"
+    );
+    let ports = field(&run, "ports");
+    assert!(
+        ports.contains("vhpc-b-0") && !ports.contains("vhpc-a-0"),
+        "{ports}"
+    );
+}

@@ -319,15 +319,14 @@ fn long_running_vm_exec_pause_resume_stop() {
     assert_eq!(field(&run, "resume"), "0");
     let paused: i64 = field(&run, "paused_delta").parse().expect("counter");
     let running: i64 = field(&run, "running_delta").parse().expect("counter");
-    // Paused for 3 s: the counter may take one step when its sleep expires at resume, plus
-    // the steps during the exec and pause/resume commands around the pause (~0.35 s each in
-    // the lab); running for 3 s it takes many more. The guest's own timeline shows the pause
-    // as one gap of at least 3 s between two steps (its clock runs on while paused, no step
-    // happened in between), longer than any gap while running.
-    assert!(
-        paused * 2 < running,
-        "counter advanced {paused} steps across a 3 s pause, {running} in 3 s running"
-    );
+    // The guest's own timeline shows the pause: one gap of at least 3 s between two steps of
+    // a loop that steps every 0.1 s (the guest's clock runs on while paused, no step happened
+    // in between). Comparing step counts around the pause is not a test: the exec, pause and
+    // resume commands around it take 0.35 s each on a quiet lab host but seconds on a loaded
+    // one (a CI dry run saw 10 steps "across the pause" and 13 in 3 s of running, with a
+    // 6 s gap in the timeline), so the counts are only printed.
+    eprintln!("counter: {paused} steps across the pause, {running} in 3 s after it");
+    assert!(running > 0, "the counter goes on after resume");
     let gap: f64 = field(&run, "max_gap").parse().expect("seconds");
     assert!(
         gap >= 2.9,

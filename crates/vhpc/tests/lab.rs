@@ -887,7 +887,8 @@ fn live_migration_between_two_emulated_hosts() {
 #[ignore = "lab test: boots emulated hosts; run by scripts/test.sh"]
 fn a_tcp_connection_from_another_vm_survives_a_live_migration() {
     // busybox nc ends a connection when its stdin ends: the receiver's stdin is a pipe that
-    // stays open.
+    // stays open. The waits after the move leave room for TCP's retransmission back-off
+    // (the sender's segments during the pause are lost and resent).
     let script = r#"brctl addbr br0 && ip link set br0 up
 vhpc vm start a --memory 256 --net bridge=br0 || exit 1
 vhpc vm start c --memory 256 --net bridge=br0 || exit 1
@@ -900,9 +901,9 @@ sleep 3
 before=$(vhpc exec a -- sh -c 'wc -l < /tmp/recv')
 vhpc vm receive b --listen 127.0.0.1:7000
 vhpc migrate a --to 127.0.0.1:7000; echo migrate=$?
-sleep 6
+sleep 10
 mid=$(vhpc exec b -- sh -c 'wc -l < /tmp/recv')
-sleep 4
+sleep 6
 after=$(vhpc exec b -- sh -c 'wc -l < /tmp/recv')
 echo before=$before; echo mid=$mid; echo after=$after
 echo mac_b=$(vhpc exec b -- cat /sys/class/net/eth0/address)

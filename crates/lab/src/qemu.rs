@@ -100,36 +100,7 @@ impl LabHost {
         }
         let network = LabNetwork::new(self.hosts)?;
         let work = WorkDir::new()?;
-        let mut others = Others(Vec::new());
-        for k in 2..=self.hosts {
-            // The other hosts only configure their network and serve commands.
-            let script = format!(
-                "{}exec vhpc lab serve --port {COMMAND_PORT}",
-                network.setup_script(k)
-            );
-            let initrd = work.0.join(format!("host{k}.cpio"));
-            build_host_initramfs(
-                cache,
-                vhpc_binary,
-                self.with_qemu,
-                &sh(&script),
-                &initrd,
-                progress,
-            )?;
-            let agent_out = Stdio::from(
-                std::fs::File::create(work.0.join(format!("agent{k}.log")))
-                    .map_err(LabError::io("cannot create a lab log file"))?,
-            );
-            let console = work.0.join(format!("console{k}.log"));
-            others.0.push(self.spawn(
-                &cache.kernel_path(),
-                &initrd,
-                &console,
-                agent_out,
-                &network.qemu_args(k),
-                false,
-            )?);
-        }
+        let others = self.start_other_hosts(cache, vhpc_binary, &network, &work.0, progress)?;
         let script = if self.hosts == 1 {
             shell_command.to_string()
         } else {
@@ -169,6 +140,47 @@ impl LabHost {
             );
         }
         Ok(outcome)
+    }
+
+    /// Boots hosts 2..N of a multi-host lab: each configures its network and serves commands.
+    fn start_other_hosts(
+        &self,
+        cache: &Cache,
+        vhpc_binary: &Path,
+        network: &LabNetwork,
+        work: &Path,
+        progress: &mut dyn FnMut(&str),
+    ) -> Result<Others, LabError> {
+        let mut others = Others(Vec::new());
+        for k in 2..=self.hosts {
+            let script = format!(
+                "{}exec vhpc lab serve --port {COMMAND_PORT}",
+                network.setup_script(k)
+            );
+            let initrd = work.join(format!("host{k}.cpio"));
+            build_host_initramfs(
+                cache,
+                vhpc_binary,
+                self.with_qemu,
+                &sh(&script),
+                &initrd,
+                progress,
+            )?;
+            let agent_out = Stdio::from(
+                std::fs::File::create(work.join(format!("agent{k}.log")))
+                    .map_err(LabError::io("cannot create a lab log file"))?,
+            );
+            let console = work.join(format!("console{k}.log"));
+            others.0.push(self.spawn(
+                &cache.kernel_path(),
+                &initrd,
+                &console,
+                agent_out,
+                &network.qemu_args(k),
+                false,
+            )?);
+        }
+        Ok(others)
     }
 
     fn spawn(

@@ -331,8 +331,11 @@ fn well_framed_but_absurd_checkpoints_are_errors_not_panics() {
 }
 
 /// A 1-vCPU counting guest with a virtio disk.
+/// The disk image [`config_with_disk`] makes under its root.
+const DISK_IMAGE: &str = "disk.img";
+
 fn config_with_disk(root: &Path, cmdline: &str) -> VmConfig {
-    let image = root.join("disk.img");
+    let image = root.join(DISK_IMAGE);
     std::fs::File::create(&image)
         .unwrap()
         .set_len(1 << 20)
@@ -405,17 +408,23 @@ fn every_device_state_round_trips_and_a_vm_with_a_disk_checkpoints() {
     });
 }
 
+/// Boots the counting test guest with a virtio disk under `root`, takes a full checkpoint of
+/// it into `root/c0` and ends the VM; the checkpoint's directory.
+fn checkpoint_a_vm_with_a_disk(root: &Path) -> std::path::PathBuf {
+    let config = config_with_disk(root, "count=0");
+    let mut vm = Vm::boot(&config, io()).unwrap();
+    vm.start().unwrap();
+    let dir = root.join("c0");
+    snapshot::checkpoint(&vm, &dir, CheckpointKind::Full).unwrap();
+    dir
+}
+
 #[test]
 fn a_programmed_msix_table_is_routed_again_on_real_kvm() {
     use vhpc_devices::persist::Persist;
     use vhpc_devices::virtio::pci_transport::VirtioPciDevice;
     let root = tempfile::tempdir().unwrap();
-    let config = config_with_disk(root.path(), "count=0");
-    let mut vm = Vm::boot(&config, io()).unwrap();
-    vm.start().unwrap();
-    let dir = root.path().join("c0");
-    snapshot::checkpoint(&vm, &dir, CheckpointKind::Full).unwrap();
-    drop(vm);
+    let dir = checkpoint_a_vm_with_a_disk(root.path());
     // What a driver would have programmed: MSI-X on, both vectors routed to CPU 0.
     let mut c = snapshot::Checkpoint::load(&dir).unwrap();
     let comp = c
@@ -450,12 +459,7 @@ fn a_programmed_msix_table_is_routed_again_on_real_kvm() {
 #[test]
 fn damaged_device_state_is_refused_with_clear_errors() {
     let root = tempfile::tempdir().unwrap();
-    let config = config_with_disk(root.path(), "count=0");
-    let mut vm = Vm::boot(&config, io()).unwrap();
-    vm.start().unwrap();
-    let dir = root.path().join("c0");
-    snapshot::checkpoint(&vm, &dir, CheckpointKind::Full).unwrap();
-    drop(vm);
+    let dir = checkpoint_a_vm_with_a_disk(root.path());
     let good = snapshot::Checkpoint::load(&dir).unwrap().body;
     let index = |name: &str| good.components.iter().position(|c| c.name == name).unwrap();
     let mut bodies = Vec::new();
@@ -499,19 +503,14 @@ fn damaged_device_state_is_refused_with_clear_errors() {
 #[test]
 fn a_disk_changed_since_the_checkpoint_is_refused_unless_forced() {
     let root = tempfile::tempdir().unwrap();
-    let config = config_with_disk(root.path(), "count=0");
-    let mut vm = Vm::boot(&config, io()).unwrap();
-    vm.start().unwrap();
-    let dir = root.path().join("c0");
-    snapshot::checkpoint(&vm, &dir, CheckpointKind::Full).unwrap();
-    drop(vm);
+    let dir = checkpoint_a_vm_with_a_disk(root.path());
     snapshot::restore(&dir, io(), RestoreOptions::default()).expect("unchanged disk");
     std::thread::sleep(Duration::from_millis(20));
     {
         use std::os::unix::fs::FileExt;
         let f = std::fs::OpenOptions::new()
             .write(true)
-            .open(&config.disks[0].path)
+            .open(root.path().join(DISK_IMAGE))
             .unwrap();
         f.write_all_at(b"changed", 4096).unwrap();
     }

@@ -4,7 +4,9 @@
 pub mod disk_config;
 pub mod rest;
 pub mod vm_config;
+pub mod vsock_config;
 
 pub use disk_config::{DiskConfig, DiskConfigError};
 
 pub use vm_config::{ConfigError, HostLimits, MAX_DISKS, MIN_MEMORY_MIB, MemoryConfig, VmConfig};
+pub use vsock_config::{DEFAULT_GUEST_CID, VsockConfig, VsockConfigError};

@@ -12,6 +12,13 @@ use crate::VmConfig;
 pub struct VmSpec {
     pub name: String,
     pub config: VmConfig,
+    /// The guest's vsock CID (the VM's agent channel is virtio-vsock).
+    #[serde(default = "default_guest_cid")]
+    pub guest_cid: u64,
+}
+
+fn default_guest_cid() -> u64 {
+    crate::DEFAULT_GUEST_CID
 }
 
 /// Where a long-running VM is in its life.

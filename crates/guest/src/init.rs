@@ -1,5 +1,6 @@
-//! The pid-1 flow: set up the system, run the one command (or, with `vhpc.agent=serve` on the
-//! kernel command line, serve requests until asked to stop), report it, power off.
+//! The pid-1 flow: set up the system, run the one command and report it on the agent serial
+//! port (or, with `vhpc.agent=serve` on the kernel command line, serve requests over vsock
+//! until asked to stop), power off.
 
 use std::io;
 use std::path::Path;
@@ -49,14 +50,14 @@ pub fn run_init() -> ! {
     power_off()
 }
 
-/// Opens the agent channel, runs the command and reports its output and status.
+/// Serves the host over vsock (long-running VMs), or opens the agent serial port, runs the
+/// command and reports its output and status.
 fn agent() -> Result<(), InitError> {
-    let mut tty = tty::open_raw(Path::new(AGENT_TTY))?;
     let cmdline = std::fs::read_to_string("/proc/cmdline").unwrap_or_default();
     if serve::requested(&cmdline) {
-        serve::serve(&mut tty)?;
-        return tty::drain(&tty).map_err(InitError::Drain);
+        return Ok(serve::serve_vsock()?);
     }
+    let mut tty = tty::open_raw(Path::new(AGENT_TTY))?;
     match read_command() {
         Ok(argv) => {
             relay::run_command(&argv, &mut tty, Reap::All)?;

@@ -5,7 +5,8 @@
 //! the host, runs the command from [`protocol::COMMAND_PATH`], streams its output and exit
 //! status as [`protocol::Frame`]s over [`protocol::AGENT_TTY`], and powers the machine off.
 //! With [`protocol::SERVE_FLAG`] on the kernel command line it instead serves
-//! [`protocol::session`] requests (exec, health, power-off) until asked to power off.
+//! [`protocol::session`] requests (exec, health, file copy, freeze/thaw, power-off) on vsock
+//! port [`protocol::AGENT_VSOCK_PORT`] until asked to power off.
 //! The same agent serves as `/init` of the lab's emulated hosts.
 
 mod init;
@@ -16,5 +17,6 @@ pub mod protocol;
 pub mod relay;
 mod serve;
 mod tty;
+mod vsock;
 
 pub use init::{InitError, run_init};

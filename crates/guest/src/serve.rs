@@ -1,5 +1,7 @@
-//! The long-running agent: serves [`session`] requests on the agent channel, one at a time,
-//! until the host asks it to power off.
+//! The long-running agent: listens on vsock port [`AGENT_VSOCK_PORT`] and serves
+//! [`session`] requests on each connection, one connection and one request at a time, until
+//! the host asks it to power off. A connection that ends or breaks is followed by the next
+//! one (the host reconnects after an error on its side).
 
 use std::io::{self, Read, Write};
 
@@ -7,8 +9,9 @@ use thiserror::Error;
 
 use crate::kmsg;
 use crate::protocol::session::{self, Decoder, Health, Message, Request, Response};
-use crate::protocol::{Frame, FrameDecoder, SERVE_FLAG};
+use crate::protocol::{AGENT_VSOCK_PORT, Frame, FrameDecoder, SERVE_FLAG};
 use crate::relay::{self, Reap, RelayError};
+use crate::vsock::VsockListener;
 
 #[derive(Debug, Error)]
 pub enum ServeError {
@@ -20,6 +23,55 @@ pub enum ServeError {
     Write(#[source] io::Error),
     #[error(transparent)]
     Relay(#[from] RelayError),
+    #[error(
+        "cannot listen on vsock port {AGENT_VSOCK_PORT}: {0}; the VM needs a virtio-vsock \
+         device (`vhpc vm start` gives it one) and the initramfs the vsock modules"
+    )]
+    Listen(#[source] io::Error),
+    #[error("cannot accept a vsock connection: {0}")]
+    Accept(#[source] io::Error),
+}
+
+/// Serves connections on the agent's vsock port until one of them asks for power-off.
+pub(crate) fn serve_vsock() -> Result<(), ServeError> {
+    let listener = VsockListener::bind(AGENT_VSOCK_PORT).map_err(ServeError::Listen)?;
+    loop {
+        let mut conn = listener.accept().map_err(ServeError::Accept)?;
+        match serve(&mut conn) {
+            Ok(()) => {
+                // Let the acknowledgement reach the host: it closes the connection when it
+                // has it (bounded, so a host that went away cannot hold up the power-off).
+                linger(&conn);
+                return Ok(());
+            }
+            Err(ServeError::HungUp) => {}
+            Err(e) => kmsg::warn(&format!("agent: session ended: {e}; waiting for the host")),
+        }
+    }
+}
+
+/// Shuts our sending side and waits up to a second for the host to close.
+fn linger(conn: &std::fs::File) {
+    use std::os::fd::AsRawFd;
+    let timeout = libc::timeval {
+        tv_sec: 1,
+        tv_usec: 0,
+    };
+    // SAFETY: shutdown and setsockopt on a socket fd we own, with a valid timeval of the
+    // size passed; failures only shorten the wait.
+    unsafe {
+        libc::shutdown(conn.as_raw_fd(), libc::SHUT_WR);
+        libc::setsockopt(
+            conn.as_raw_fd(),
+            libc::SOL_SOCKET,
+            libc::SO_RCVTIMEO,
+            (&raw const timeout).cast(),
+            std::mem::size_of::<libc::timeval>() as libc::socklen_t,
+        );
+    }
+    let mut buf = [0u8; 256];
+    let mut conn = conn;
+    while matches!(conn.read(&mut buf), Ok(n) if n > 0) {}
 }
 
 /// Whether the kernel command line asks for the long-running agent.

@@ -110,6 +110,14 @@ pub struct RunArgs {
     /// `,ro` makes it read-only.
     #[arg(long = "disk", value_name = "PATH[,ro]")]
     pub disks: Vec<vhpc_api::DiskConfig>,
+    /// Give the guest a virtio-vsock device whose host end is this Unix socket: clients
+    /// connect and write `CONNECT <port>\n`; guest connections to host port P go to
+    /// `PATH_P`.
+    #[arg(long, value_name = "PATH")]
+    pub vsock: Option<PathBuf>,
+    /// The guest's vsock CID (with --vsock).
+    #[arg(long, default_value_t = vhpc_api::DEFAULT_GUEST_CID, requires = "vsock")]
+    pub vsock_cid: u64,
     /// The command to run in the guest.
     #[arg(last = true, required = true)]
     pub command: Vec<String>,

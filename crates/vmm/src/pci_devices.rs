@@ -20,7 +20,7 @@ use kvm_bindings::{
     kvm_irq_routing_msi,
 };
 use kvm_ioctls::{IoEventAddress, NoDatamatch, VmFd};
-use vhpc_api::DiskConfig;
+use vhpc_api::{DiskConfig, VsockConfig};
 use vhpc_devices::bus::PioBus;
 use vhpc_devices::pci::msix::{MsiMessage, MsiRouter, MsixVectors};
 use vhpc_devices::pci::{PCI_CONFIG_PORT, PCI_CONFIG_PORT_LEN, PciBus, PciConfigIo};
@@ -29,6 +29,7 @@ use vhpc_devices::virtio::block::Block;
 use vhpc_devices::virtio::pci_transport::{
     BAR_SIZE, VirtioPciDevice, msix_vector_count, notify_address,
 };
+use vhpc_devices::virtio::vsock::Vsock;
 use vmm_sys_util::eventfd::{EFD_NONBLOCK, EventFd};
 
 use crate::layout;
@@ -118,18 +119,24 @@ fn device_err(what: &'static str) -> impl FnOnce(&dyn std::fmt::Display) -> VmEr
     }
 }
 
-/// Builds PCI bus 0 (host bridge plus one virtio-blk function per disk, in order, so the
-/// first disk is /dev/vda), wires every device to KVM and puts the config ports on `pio`.
+/// Builds PCI bus 0 (host bridge, one virtio-blk function per disk, in order, so the first
+/// disk is /dev/vda, then the vsock device if there is one), wires every device to KVM and
+/// puts the config ports on `pio`.
 pub fn build(
     vm: &Arc<VmFd>,
     mem: &GuestMemory,
     disks: &[DiskConfig],
+    vsock: Option<&VsockConfig>,
     pio: &mut PioBus,
 ) -> Result<Arc<PciBus>, VmError> {
-    let router: Arc<dyn MsiRouter> = Arc::new(GsiRouter::new(vm.clone()));
-    let mut bus = PciBus::default();
-    let mut next_bar = layout::PCI_MMIO_START;
-    let mut next_gsi = FIRST_MSI_GSI;
+    let mut wiring = Wiring {
+        vm,
+        mem,
+        router: Arc::new(GsiRouter::new(vm.clone())),
+        bus: PciBus::default(),
+        next_bar: layout::PCI_MMIO_START,
+        next_gsi: FIRST_MSI_GSI,
+    };
     for (index, disk) in disks.iter().enumerate() {
         let id = disk
             .path
@@ -144,50 +151,19 @@ pub fn build(
             block.sectors(),
             if disk.read_only { ", read-only" } else { "" }
         );
-        let queues = block.queue_max_sizes().len();
-        let vectors = msix_vector_count(queues);
-        let mut irqfds = Vec::new();
-        let mut gsis = Vec::new();
-        for _ in 0..vectors {
-            let fd = EventFd::new(EFD_NONBLOCK).map_err(|e| device_err("an MSI-X irqfd")(&e))?;
-            vm.register_irqfd(&fd, next_gsi)
-                .map_err(|source| VmError::Kvm {
-                    what: "KVM_IRQFD",
-                    source,
-                })?;
-            irqfds.push(fd);
-            gsis.push(next_gsi);
-            next_gsi += 1;
-        }
-        let msix = Arc::new(MsixVectors::new(irqfds, gsis, router.clone()));
-        let bar = next_bar;
-        next_bar += BAR_SIZE;
-        if next_bar > layout::PCI_MMIO_END {
-            return Err(device_err("virtio-blk")(&"the PCI MMIO window is full"));
-        }
-        let device = VirtioPciDevice::new(
-            format!("virtio-blk{index}"),
-            Box::new(block),
-            mem.clone(),
-            bar,
-            msix,
-        )
-        .map_err(|e| device_err("virtio-blk")(&e))?;
-        for (queue, event) in device.queue_events().iter().enumerate() {
-            vm.register_ioevent(
-                event,
-                &IoEventAddress::Mmio(notify_address(bar, queue)),
-                NoDatamatch,
-            )
-            .map_err(|source| VmError::Kvm {
-                what: "KVM_IOEVENTFD",
-                source,
-            })?;
-        }
-        bus.add(Arc::new(Mutex::new(device)))
-            .map_err(|e| device_err("virtio-blk")(&e))?;
+        wiring.add("virtio-blk", format!("virtio-blk{index}"), Box::new(block))?;
     }
-    let bus = Arc::new(bus);
+    if let Some(config) = vsock {
+        let device = Vsock::new(config.guest_cid, &config.socket)
+            .map_err(|e| device_err("virtio-vsock")(&e))?;
+        log::debug!(
+            "virtio-vsock: guest CID {}, host socket {}",
+            config.guest_cid,
+            config.socket.display()
+        );
+        wiring.add("virtio-vsock", "virtio-vsock".into(), Box::new(device))?;
+    }
+    let bus = Arc::new(wiring.bus);
     pio.insert(
         PCI_CONFIG_PORT,
         PCI_CONFIG_PORT_LEN,
@@ -195,6 +171,67 @@ pub fn build(
     )
     .map_err(|e| device_err("PCI config ports")(&e))?;
     Ok(bus)
+}
+
+/// What adding virtio functions to the bus needs: the next free BAR address and GSI.
+struct Wiring<'a> {
+    vm: &'a Arc<VmFd>,
+    mem: &'a GuestMemory,
+    router: Arc<dyn MsiRouter>,
+    bus: PciBus,
+    next_bar: u64,
+    next_gsi: u32,
+}
+
+impl Wiring<'_> {
+    /// Adds `backend` as the next PCI function: its BAR, one irqfd (and GSI) per MSI-X
+    /// vector, one ioeventfd per queue.
+    fn add(
+        &mut self,
+        what: &'static str,
+        name: String,
+        backend: Box<dyn VirtioBackend>,
+    ) -> Result<(), VmError> {
+        let vectors = msix_vector_count(backend.queue_max_sizes().len());
+        let mut irqfds = Vec::new();
+        let mut gsis = Vec::new();
+        for _ in 0..vectors {
+            let fd = EventFd::new(EFD_NONBLOCK).map_err(|e| device_err("an MSI-X irqfd")(&e))?;
+            self.vm
+                .register_irqfd(&fd, self.next_gsi)
+                .map_err(|source| VmError::Kvm {
+                    what: "KVM_IRQFD",
+                    source,
+                })?;
+            irqfds.push(fd);
+            gsis.push(self.next_gsi);
+            self.next_gsi += 1;
+        }
+        let msix = Arc::new(MsixVectors::new(irqfds, gsis, self.router.clone()));
+        let bar = self.next_bar;
+        self.next_bar += BAR_SIZE;
+        if self.next_bar > layout::PCI_MMIO_END {
+            return Err(device_err(what)(&"the PCI MMIO window is full"));
+        }
+        let device = VirtioPciDevice::new(name, backend, self.mem.clone(), bar, msix)
+            .map_err(|e| device_err(what)(&e))?;
+        for (queue, event) in device.queue_events().iter().enumerate() {
+            self.vm
+                .register_ioevent(
+                    event,
+                    &IoEventAddress::Mmio(notify_address(bar, queue)),
+                    NoDatamatch,
+                )
+                .map_err(|source| VmError::Kvm {
+                    what: "KVM_IOEVENTFD",
+                    source,
+                })?;
+        }
+        self.bus
+            .add(Arc::new(Mutex::new(device)))
+            .map_err(|e| device_err(what)(&e))?;
+        Ok(())
+    }
 }
 
 #[cfg(test)]

@@ -14,7 +14,7 @@ use kvm_bindings::{
     kvm_userspace_memory_region,
 };
 use kvm_ioctls::{Kvm, VcpuFd, VmFd};
-use vhpc_api::{HostLimits, VmConfig};
+use vhpc_api::{HostLimits, VmConfig, VsockConfig};
 use vhpc_devices::bus::{Buses, PioBus};
 use vhpc_devices::serial::{COM1_IRQ, COM1_PORT, COM2_IRQ, COM2_PORT, SERIAL_PORT_LEN, SerialPort};
 use vhpc_devices::{acpi_pm, debug_exit, i8042, rtc};
@@ -54,6 +54,8 @@ pub struct VmIo {
     pub extra_initramfs: Vec<u8>,
     /// Stop the VM if it runs longer than this.
     pub timeout: Option<Duration>,
+    /// A virtio-vsock device and the Unix socket that is its host end.
+    pub vsock: Option<VsockConfig>,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -142,6 +144,8 @@ pub struct Vm {
     paused: AtomicBool,
     dirty_logging: bool,
     config: VmConfig,
+    /// Whether the VM has a virtio-vsock device (whose state checkpoints do not capture).
+    has_vsock: bool,
     /// The checkpoint the dirty log counts from (set by a checkpoint, for the next
     /// incremental one).
     last_checkpoint: Option<CheckpointLink>,
@@ -152,7 +156,7 @@ impl Vm {
     pub fn boot(config: &VmConfig, io: VmIo) -> Result<Vm, VmError> {
         let (kvm, kind) = open_kvm(config)?;
         let mem = memory::create(&config.memory)?;
-        let mut vm = Vm::create(&kvm, config, mem, io.console, io.agent)?;
+        let mut vm = Vm::create(&kvm, config, mem, io.console, io.agent, io.vsock.as_ref())?;
         let (entry, all_at_entry) = load_guest(config, &vm.mem, &io.extra_initramfs, kind)?;
         let supported = kvm
             .get_supported_cpuid(KVM_MAX_CPUID_ENTRIES)
@@ -204,7 +208,7 @@ impl Vm {
             )));
         }
         let (kvm, _) = open_kvm(config)?;
-        let mut vm = Vm::create(&kvm, config, mem, io.console, io.agent)?;
+        let mut vm = Vm::create(&kvm, config, mem, io.console, io.agent, io.vsock.as_ref())?;
         irqchip.restore(&vm.fd)?;
         for (index, saved) in vcpus.iter().enumerate() {
             let fd = vm
@@ -227,6 +231,7 @@ impl Vm {
         mem: GuestMemory,
         console: Box<dyn Write + Send>,
         agent: Box<dyn Write + Send>,
+        vsock: Option<&VsockConfig>,
     ) -> Result<Vm, VmError> {
         install_kick_handler().map_err(|e| VmError::Device {
             what: "the vCPU kick signal",
@@ -241,7 +246,7 @@ impl Vm {
         let log = ConsoleLog::default();
         let console = ConsoleSink::new(console, log.clone(), events_tx.clone());
         let (mut pio, agent_port) = build_devices(&fd, Box::new(console), agent, &events_tx)?;
-        let pci = crate::pci_devices::build(&fd, &mem, &config.disks, &mut pio)?;
+        let pci = crate::pci_devices::build(&fd, &mem, &config.disks, vsock, &mut pio)?;
         let bus = Arc::new(Buses { pio, pci });
         Ok(Vm {
             fd,
@@ -257,6 +262,7 @@ impl Vm {
             paused: AtomicBool::new(false),
             dirty_logging: false,
             config: config.clone(),
+            has_vsock: vsock.is_some(),
             last_checkpoint: None,
         })
     }
@@ -354,6 +360,11 @@ impl Vm {
     }
 
     /// The config the VM was built from.
+    /// Whether the VM has a virtio-vsock device.
+    pub fn has_vsock(&self) -> bool {
+        self.has_vsock
+    }
+
     pub fn config(&self) -> &VmConfig {
         &self.config
     }

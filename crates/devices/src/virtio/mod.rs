@@ -5,7 +5,8 @@
 //! - [`common_cfg`] the common configuration registers: feature negotiation, queue setup,
 //!   device status;
 //! - [`worker`] the thread that does a device's work, woken only by queue eventfds;
-//! - [`block`] virtio-blk on raw image files.
+//! - [`block`] virtio-blk on raw image files;
+//! - [`vsock`] virtio-vsock with the VMM as the host end, connections mapped to Unix sockets.
 //!
 //! A device is a [`VirtioBackend`] (identity, features, config space) that hands a
 //! [`QueueHandler`] to its worker thread when the driver sets DRIVER_OK. Everything the guest
@@ -15,7 +16,10 @@
 pub mod block;
 pub mod common_cfg;
 pub mod pci_transport;
+pub mod vsock;
 pub mod worker;
+
+use std::os::fd::RawFd;
 
 use virtio_queue::Queue;
 use vm_memory::GuestMemoryMmap;
@@ -50,7 +54,7 @@ pub enum QueueError {
 
 /// One virtio device type, independent of the transport.
 pub trait VirtioBackend: Send {
-    /// The virtio device ID (2 = block).
+    /// The virtio device ID (2 = block, 19 = vsock).
     fn device_type(&self) -> u16;
     /// The PCI class code (24 bits) the function reports.
     fn pci_class(&self) -> u32;
@@ -74,4 +78,22 @@ pub trait QueueHandler: Send {
         queue: &mut Queue,
         mem: &GuestMemory,
     ) -> Result<bool, QueueError>;
+
+    /// For devices with a host-side backend of their own (vsock's sockets): an fd the
+    /// worker also waits on, readable when the backend has work. `None` (the default) for
+    /// devices driven by their queues alone.
+    fn backend_fd(&self) -> Option<RawFd> {
+        None
+    }
+
+    /// Moves data between the backend and all of the device's `queues`; the worker calls it
+    /// when [`Self::backend_fd`] is readable and after every queue notification. Returns a
+    /// bit mask of the queues that got used entries (their vectors are raised).
+    fn process_backend(
+        &mut self,
+        _queues: &mut [Queue],
+        _mem: &GuestMemory,
+    ) -> Result<u64, QueueError> {
+        Ok(0)
+    }
 }

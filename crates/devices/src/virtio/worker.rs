@@ -4,7 +4,10 @@
 //! signals when the guest writes the notify register: ioeventfd) and a stop eventfd, so an
 //! idle device costs nothing and adds no wake-ups. When a queue's eventfd fires it drains the
 //! eventfd, lets the [`QueueHandler`] process the queue, and raises the queue's MSI-X vector
-//! if anything was used. vCPU threads never do device work beyond register accesses.
+//! if anything was used. A device with a backend of its own (vsock's sockets) also gives an
+//! fd to wait on ([`QueueHandler::backend_fd`]); the worker then lets the handler move data
+//! between backend and queues when that fd is readable and after every notification.
+//! vCPU threads never do device work beyond register accesses.
 
 use std::os::fd::AsRawFd;
 use std::sync::Arc;
@@ -35,6 +38,10 @@ pub struct WorkerParts {
     pub needs_reset: Arc<AtomicBool>,
 }
 
+/// The epoll token of the handler's backend fd (queue tokens are their indexes).
+const BACKEND_TOKEN: u64 = u64::MAX - 1;
+const STOP_TOKEN: u64 = u64::MAX;
+
 /// A running worker thread; dropping it stops and joins the thread.
 pub struct Worker {
     stop: EventFd,
@@ -56,8 +63,15 @@ impl Worker {
         epoll.ctl(
             ControlOperation::Add,
             stop_rx.as_raw_fd(),
-            EpollEvent::new(EventSet::IN, u64::MAX),
+            EpollEvent::new(EventSet::IN, STOP_TOKEN),
         )?;
+        if let Some(fd) = parts.handler.backend_fd() {
+            epoll.ctl(
+                ControlOperation::Add,
+                fd,
+                EpollEvent::new(EventSet::IN, BACKEND_TOKEN),
+            )?;
+        }
         let thread = std::thread::Builder::new()
             .name(parts.name.clone())
             .spawn(move || {
@@ -84,7 +98,7 @@ impl Drop for Worker {
 }
 
 fn run(mut p: WorkerParts, epoll: &Epoll) {
-    let mut ready = vec![EpollEvent::default(); p.events.len() + 1];
+    let mut ready = vec![EpollEvent::default(); p.events.len() + 2];
     loop {
         let n = match epoll.wait(-1, &mut ready) {
             Ok(n) => n,
@@ -95,12 +109,43 @@ fn run(mut p: WorkerParts, epoll: &Epoll) {
             }
         };
         for event in &ready[..n] {
-            let index = event.data();
-            if index == u64::MAX {
-                return;
+            match event.data() {
+                STOP_TOKEN => return,
+                BACKEND_TOKEN => {}
+                index => service(&mut p, index as usize),
             }
-            service(&mut p, index as usize);
         }
+        if p.handler.backend_fd().is_some() {
+            service_backend(&mut p);
+        }
+    }
+}
+
+/// Lets a handler with a backend move data between it and the queues.
+fn service_backend(p: &mut WorkerParts) {
+    if p.needs_reset.load(Ordering::Relaxed) {
+        return;
+    }
+    match p.handler.process_backend(&mut p.queues, &p.mem) {
+        Ok(used) => {
+            for (index, vector) in p.vectors.iter().enumerate() {
+                if index < 64 && used & (1 << index) != 0 {
+                    p.msix.trigger(*vector);
+                }
+            }
+        }
+        Err(e) => fail(p, None, &e),
+    }
+}
+
+/// A queue turned out unusable: the device needs a reset (logged and signalled once).
+fn fail(p: &WorkerParts, index: Option<usize>, e: &super::QueueError) {
+    if !p.needs_reset.swap(true, Ordering::Relaxed) {
+        match index {
+            Some(i) => log::warn!("{}: queue {i}: {e}", p.name),
+            None => log::warn!("{}: {e}", p.name),
+        }
+        p.msix.trigger(p.config_vector);
     }
 }
 
@@ -120,11 +165,6 @@ fn service(p: &mut WorkerParts, index: usize) {
     match p.handler.process(index, queue, &p.mem) {
         Ok(true) => p.msix.trigger(p.vectors[index]),
         Ok(false) => {}
-        Err(e) => {
-            if !p.needs_reset.swap(true, Ordering::Relaxed) {
-                log::warn!("{}: queue {index}: {e}", p.name);
-                p.msix.trigger(p.config_vector);
-            }
-        }
+        Err(e) => fail(p, Some(index), &e),
     }
 }

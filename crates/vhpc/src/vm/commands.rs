@@ -53,11 +53,15 @@ fn vm_config(args: &StartArgs) -> anyhow::Result<VmConfig> {
 /// `vhpc vm start`: state directory, detached VMM process, wait for the agent.
 pub fn start(args: StartArgs) -> anyhow::Result<i32> {
     let config = vm_config(&args)?;
+    if !(vhpc_api::DEFAULT_GUEST_CID..u64::from(u32::MAX)).contains(&args.cid) {
+        return Err(vhpc_api::VsockConfigError::Cid(args.cid).into());
+    }
     let runtime = Runtime::from_env();
     let (dir, lock) = runtime.create(&args.name)?;
     let spec = VmSpec {
         name: args.name.clone(),
         config,
+        guest_cid: args.cid,
     };
     std::fs::write(dir.config_json(), serde_json::to_vec_pretty(&spec)?)
         .with_context(|| format!("cannot write {}", dir.config_json().display()))?;

@@ -63,6 +63,9 @@ pub struct StartArgs {
     /// `,ro` makes it read-only.
     #[arg(long = "disk", value_name = "PATH[,ro]")]
     pub disks: Vec<vhpc_api::DiskConfig>,
+    /// The guest's vsock CID (its agent is reached over virtio-vsock).
+    #[arg(long, default_value_t = vhpc_api::DEFAULT_GUEST_CID)]
+    pub cid: u64,
     /// Seconds to wait for the guest agent to answer.
     #[arg(long, default_value_t = 120)]
     pub timeout: u64,

@@ -14,6 +14,7 @@ use std::time::Duration;
 use anyhow::Context;
 use base64::Engine as _;
 use base64::engine::general_purpose::STANDARD as BASE64;
+use vhpc_api::VsockConfig;
 use vhpc_api::rest::{ExecEvent, ExecRequest, Health, VmInfo, VmRunState, VmSpec};
 use vhpc_guest::protocol::session::{Request, Response};
 use vhpc_vmm::{Vm, VmIo, VmOutcome};
@@ -47,19 +48,28 @@ pub fn run(dir: PathBuf, lock_fd: i32) -> anyhow::Result<i32> {
     let console = File::create(dir.console_log())
         .with_context(|| format!("cannot create {}", dir.console_log().display()))?;
     let (agent, sink) = agent_client::channel_pair();
+    let agent = Arc::new(agent);
+    let vsock = VsockConfig {
+        guest_cid: spec.guest_cid,
+        socket: dir.vsock_sock(),
+    };
     let io = VmIo {
         console: Box::new(console),
-        agent: Box::new(sink),
+        // The agent speaks over vsock; nothing is expected on COM2.
+        agent: Box::new(io::sink()),
         extra_initramfs: Vec::new(),
         timeout: None,
+        vsock: Some(vsock),
     };
     let mut vm = Vm::boot(&spec.config, io)?;
-    agent.set_input(vm.agent_input());
     vm.start()?;
+    agent
+        .connect_in_background(sink, dir.vsock_sock())
+        .context("cannot start the agent connection thread")?;
     let backend = Arc::new(VmBackend {
         spec,
         vm: Arc::new(vm),
-        agent: Arc::new(agent),
+        agent,
         control: Mutex::new(()),
         stopping: AtomicBool::new(false),
         dir: dir.clone(),
@@ -305,6 +315,8 @@ fn power_off(agent: Arc<AgentClient>, dir: VmDir) {
         log::info!("power-off: the agent answered {r:?}");
         false
     });
+    // The agent powers off once we close the session (or after a second).
+    agent.disconnect();
     if let Err(e) = result {
         log::warn!("power-off request failed: {e}; stopping the VM after the timeout");
     }

@@ -68,8 +68,8 @@ pub enum SnapshotError {
     #[error(transparent)]
     Vm(#[from] VmError),
     #[error(
-        "this VM has virtio disks, whose device state checkpoints do not capture yet; \
-         checkpoint VMs without --disk for now"
+        "this VM has virtio disks or a vsock device, whose device state checkpoints do not \
+         capture yet; checkpoint VMs without --disk or vsock for now"
     )]
     DevicesNotSupported,
     #[error("cannot {what} {}: {source}", path.display())]
@@ -144,7 +144,7 @@ pub fn checkpoint(
 ) -> Result<CheckpointInfo, SnapshotError> {
     // Virtio queues, in-flight requests and PCI/MSI-X state are not saved yet: refuse rather
     // than write a checkpoint that would restore a broken guest.
-    if !vm.config().disks.is_empty() {
+    if !vm.config().disks.is_empty() || vm.has_vsock() {
         return Err(SnapshotError::DevicesNotSupported);
     }
     let was_paused = vm.is_paused();

@@ -9,6 +9,8 @@
 //! port [`protocol::AGENT_VSOCK_PORT`] until asked to power off.
 //! The same agent serves as `/init` of the lab's emulated hosts.
 
+mod files;
+mod freeze;
 mod init;
 mod kmsg;
 mod modules;

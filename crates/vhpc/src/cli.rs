@@ -29,6 +29,9 @@ pub enum Command {
     Vm(crate::vm::VmCommand),
     /// Run a command in a long-running VM; its output streams here, its status is ours.
     Exec(crate::vm::ExecArgs),
+    /// Copy a file into or out of a long-running VM: `vhpc cp LOCAL NAME:/path` or
+    /// `vhpc cp NAME:/path LOCAL` (streamed; permission bits kept).
+    Cp(crate::vm::fs_commands::CpArgs),
     /// Checkpoints on disk: inspect and verify one, merge a chain into one.
     #[command(subcommand)]
     Snapshot(SnapshotCommand),

@@ -31,6 +31,7 @@ fn main() {
         cli::Command::Bench(cli::BenchCommand::Direct(args)) => bench_direct::run(args),
         cli::Command::Vm(cmd) => vm::run(cmd),
         cli::Command::Exec(args) => vm::commands::exec(args),
+        cli::Command::Cp(args) => vm::fs_commands::cp(args),
         cli::Command::Bench(cli::BenchCommand::Snapshot(args)) => bench_snapshot::run(args),
         cli::Command::Snapshot(cmd) => snapshot_cmd::run(cmd),
         cli::Command::Restore(args) => snapshot_cmd::restore(args),

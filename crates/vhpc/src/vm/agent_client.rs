@@ -41,6 +41,8 @@ pub enum AgentError {
     Send(String),
     #[error("invalid request: {0}")]
     Invalid(String),
+    #[error("{0}")]
+    Local(String),
 }
 
 #[derive(Default)]
@@ -272,13 +274,23 @@ impl AgentClient {
         wait: Option<Duration>,
         on_response: &mut dyn FnMut(Response) -> bool,
     ) -> Result<(), AgentError> {
+        self.request_frames(&mut std::iter::once(Ok(request.clone())), wait, on_response)
+    }
+
+    /// Like [`Self::request`] for a request made of several frames with one id (a copy-in:
+    /// start, data..., end), produced one at a time so a large file is never in memory.
+    pub fn request_frames(
+        &self,
+        frames: &mut dyn Iterator<Item = Result<Request, AgentError>>,
+        wait: Option<Duration>,
+        on_response: &mut dyn FnMut(Response) -> bool,
+    ) -> Result<(), AgentError> {
         let _busy = self.acquire(wait)?;
         let id = self.next_id.fetch_add(1, Ordering::Relaxed).max(1);
-        let mut bytes = Vec::new();
-        session::encode_request(id, request, &mut bytes)
-            .map_err(|e| AgentError::Invalid(e.to_string()))?;
         let rx = self.register(id)?;
-        let result = self.send_and_collect(&bytes, &rx, wait, on_response);
+        let result = self
+            .send(id, frames)
+            .and_then(|()| self.collect(&rx, wait, on_response));
         self.shared.lock().waiter = None;
         result
     }
@@ -315,12 +327,10 @@ impl AgentClient {
         Ok(rx)
     }
 
-    fn send_and_collect(
+    fn send(
         &self,
-        bytes: &[u8],
-        rx: &Receiver<Response>,
-        wait: Option<Duration>,
-        on_response: &mut dyn FnMut(Response) -> bool,
+        id: u32,
+        frames: &mut dyn Iterator<Item = Result<Request, AgentError>>,
     ) -> Result<(), AgentError> {
         let mut conn = self
             .lock_conn()
@@ -330,8 +340,24 @@ impl AgentClient {
             .map_err(|e| AgentError::Send(e.to_string()))?
             .ok_or(AgentError::NotReady)?;
         conn.set_write_timeout(Some(SEND_STALL))
-            .and_then(|()| conn.write_all(bytes))
             .map_err(|e| AgentError::Send(e.to_string()))?;
+        let mut bytes = Vec::new();
+        for frame in frames {
+            bytes.clear();
+            session::encode_request(id, &frame?, &mut bytes)
+                .map_err(|e| AgentError::Invalid(e.to_string()))?;
+            conn.write_all(&bytes)
+                .map_err(|e| AgentError::Send(e.to_string()))?;
+        }
+        Ok(())
+    }
+
+    fn collect(
+        &self,
+        rx: &Receiver<Response>,
+        wait: Option<Duration>,
+        on_response: &mut dyn FnMut(Response) -> bool,
+    ) -> Result<(), AgentError> {
         loop {
             let response = match wait {
                 Some(t) => rx.recv_timeout(t).map_err(|e| match e {

@@ -162,7 +162,7 @@ fn get_info(dir: &VmDir, timeout: Duration) -> anyhow::Result<VmInfo> {
 }
 
 /// Turns a non-2xx API response into an error with the server's message.
-fn api_error(name: &str, status: u16, body: &[u8]) -> anyhow::Error {
+pub(super) fn api_error(name: &str, status: u16, body: &[u8]) -> anyhow::Error {
     match serde_json::from_slice::<ErrorBody>(body) {
         Ok(e) => anyhow::anyhow!("VM {name}: {}", e.error),
         Err(_) => anyhow::anyhow!("VM {name}: the API answered {status}"),

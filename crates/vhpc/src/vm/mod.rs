@@ -1,13 +1,17 @@
-//! Long-running VMs: `vhpc vm start|list|pause|resume|stop|api` and `vhpc exec`.
+//! Long-running VMs: `vhpc vm start|list|pause|resume|stop|api|freeze|thaw`, `vhpc exec`
+//! and `vhpc cp`.
 //!
 //! Each VM is its own VMM process ([`vmm_process`]) with a state directory ([`state_dir`]),
 //! serving a REST/JSON API ([`api_server`] over [`http`]) on a Unix socket; it talks to the
 //! guest agent through the session protocol ([`agent_client`]). The commands here are clients
-//! of that API ([`commands`]).
+//! of that API ([`commands`], [`fs_commands`]); file copies and freezes go through the agent
+//! in [`agent_files`].
 
 pub mod agent_client;
+pub mod agent_files;
 pub mod api_server;
 pub mod commands;
+pub mod fs_commands;
 pub mod http;
 pub mod state_dir;
 pub mod vmm_process;
@@ -35,6 +39,10 @@ pub enum VmCommand {
     },
     /// Call a VM's REST API: print the response body; exit 0 for a 2xx status, else 1.
     Api(ApiArgs),
+    /// Sync and freeze guest file systems (writes block until thaw, or until --timeout).
+    Freeze(fs_commands::FreezeArgs),
+    /// Thaw the file systems `vhpc vm freeze` froze.
+    Thaw { name: String },
     /// The VMM process of one VM (started by `vhpc vm start`).
     #[command(hide = true)]
     Serve(ServeArgs),
@@ -119,6 +127,8 @@ pub fn run(command: VmCommand) -> anyhow::Result<i32> {
         VmCommand::Resume { name } => commands::put(&name, "/vm/resume"),
         VmCommand::Stop { name, timeout } => commands::stop(&name, timeout),
         VmCommand::Api(args) => commands::api(args),
+        VmCommand::Freeze(args) => fs_commands::freeze(args),
+        VmCommand::Thaw { name } => fs_commands::thaw(&name),
         VmCommand::Serve(args) => vmm_process::run(args.dir, args.lock_fd),
     }
 }

@@ -15,11 +15,15 @@ use anyhow::Context;
 use base64::Engine as _;
 use base64::engine::general_purpose::STANDARD as BASE64;
 use vhpc_api::VsockConfig;
-use vhpc_api::rest::{ExecEvent, ExecRequest, Health, VmInfo, VmRunState, VmSpec};
+use vhpc_api::rest::{
+    CopyInRequest, CopyOutRequest, CopyResult, ExecEvent, ExecRequest, FreezeRequest, FreezeResult,
+    Health, ThawResult, VmInfo, VmRunState, VmSpec,
+};
 use vhpc_guest::protocol::session::{Request, Response};
 use vhpc_vmm::{Vm, VmIo, VmOutcome};
 
 use super::agent_client::{self, AgentClient, AgentError};
+use super::agent_files;
 use super::api_server::{self, ApiError, Backend};
 use super::state_dir::VmDir;
 
@@ -121,7 +125,7 @@ struct VmBackend {
 fn agent_error(e: AgentError) -> ApiError {
     let status = match e {
         AgentError::NotReady | AgentError::Busy => 503,
-        AgentError::Invalid(_) => 400,
+        AgentError::Invalid(_) | AgentError::Local(_) => 400,
         AgentError::Broken(_) | AgentError::Timeout(_) | AgentError::Send(_) => 502,
     };
     ApiError::new(status, e.to_string())
@@ -241,6 +245,26 @@ impl Backend for VmBackend {
                 format!("the guest agent answered a ping with {other:?}"),
             )),
         }
+    }
+
+    fn copy_in(&self, request: CopyInRequest) -> Result<CopyResult, ApiError> {
+        self.require_running()?;
+        agent_files::copy_in(&self.agent, &request, agent_error)
+    }
+
+    fn copy_out(&self, request: CopyOutRequest) -> Result<CopyResult, ApiError> {
+        self.require_running()?;
+        agent_files::copy_out(&self.agent, &request, agent_error)
+    }
+
+    fn freeze(&self, request: FreezeRequest) -> Result<FreezeResult, ApiError> {
+        self.require_running()?;
+        agent_files::freeze(&self.agent, &request, agent_error)
+    }
+
+    fn thaw(&self) -> Result<ThawResult, ApiError> {
+        self.require_running()?;
+        agent_files::thaw(&self.agent, agent_error)
     }
 
     fn exec(

@@ -19,6 +19,6 @@ pub mod protocol;
 pub mod relay;
 mod serve;
 mod tty;
-mod vsock;
+pub mod vsock;
 
 pub use init::{InitError, run_init};

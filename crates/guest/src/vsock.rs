@@ -1,12 +1,13 @@
-//! The agent's AF_VSOCK listening socket (the guest end of virtio-vsock). Accepted
-//! connections are plain [`File`]s: read and write work on sockets as on any fd.
+//! An AF_VSOCK listening socket (the guest end of virtio-vsock): the agent's, and
+//! `vhpc vsock-echo`'s. Accepted connections are plain [`File`]s: read and write work on
+//! sockets as on any fd.
 
 use std::fs::File;
-use std::io;
+use std::io::{self, Read, Write};
 use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
 
 /// A listening stream socket on a vsock port of this guest.
-pub(crate) struct VsockListener(OwnedFd);
+pub struct VsockListener(OwnedFd);
 
 fn check(rc: libc::c_int) -> io::Result<libc::c_int> {
     if rc < 0 {
@@ -18,7 +19,7 @@ fn check(rc: libc::c_int) -> io::Result<libc::c_int> {
 
 impl VsockListener {
     /// Listens on `port` for connections from any CID (the host).
-    pub(crate) fn bind(port: u32) -> io::Result<VsockListener> {
+    pub fn bind(port: u32) -> io::Result<VsockListener> {
         // SAFETY: socket() with constant arguments; it returns a new fd or -1.
         let fd = check(unsafe {
             libc::socket(libc::AF_VSOCK, libc::SOCK_STREAM | libc::SOCK_CLOEXEC, 0)
@@ -45,7 +46,7 @@ impl VsockListener {
     }
 
     /// Waits for the next connection.
-    pub(crate) fn accept(&self) -> io::Result<File> {
+    pub fn accept(&self) -> io::Result<File> {
         loop {
             // SAFETY: accept4 on our listening fd; null address pointers mean "don't tell".
             let rc = unsafe {
@@ -61,6 +62,28 @@ impl VsockListener {
                 Ok(fd) => return Ok(unsafe { File::from_raw_fd(fd) }),
                 Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
                 Err(e) => return Err(e),
+            }
+        }
+    }
+}
+
+/// Echoes every connection on vsock `port` back to its sender, one connection at a time,
+/// until killed: a guest service for testing the host's `CONNECT` path.
+pub fn echo(port: u32) -> io::Result<()> {
+    let listener = VsockListener::bind(port)?;
+    loop {
+        let mut conn = listener.accept()?;
+        let mut buf = vec![0u8; 64 << 10];
+        loop {
+            match conn.read(&mut buf) {
+                Ok(0) => break,
+                Ok(n) => {
+                    if conn.write_all(&buf[..n]).is_err() {
+                        break;
+                    }
+                }
+                Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+                Err(_) => break,
             }
         }
     }

@@ -32,6 +32,10 @@ pub enum Command {
     /// Copy a file into or out of a long-running VM: `vhpc cp LOCAL NAME:/path` or
     /// `vhpc cp NAME:/path LOCAL` (streamed; permission bits kept).
     Cp(crate::vm::fs_commands::CpArgs),
+    /// In a guest: echo every connection on a vsock port (a test service for `vhpc vm
+    /// connect`; runs until killed).
+    #[command(hide = true)]
+    VsockEcho { port: u32 },
     /// Checkpoints on disk: inspect and verify one, merge a chain into one.
     #[command(subcommand)]
     Snapshot(SnapshotCommand),

@@ -32,6 +32,9 @@ fn main() {
         cli::Command::Vm(cmd) => vm::run(cmd),
         cli::Command::Exec(args) => vm::commands::exec(args),
         cli::Command::Cp(args) => vm::fs_commands::cp(args),
+        cli::Command::VsockEcho { port } => vhpc_guest::vsock::echo(port)
+            .map(|()| 0)
+            .map_err(|e| anyhow::anyhow!("vsock echo on port {port}: {e}")),
         cli::Command::Bench(cli::BenchCommand::Snapshot(args)) => bench_snapshot::run(args),
         cli::Command::Snapshot(cmd) => snapshot_cmd::run(cmd),
         cli::Command::Restore(args) => snapshot_cmd::restore(args),

@@ -474,3 +474,38 @@ vhpc vm stop f; echo stop=$?"#,
     assert_eq!(field(&run, "bad_body"), "1", "a 4xx answer");
     assert_eq!(field(&run, "stop"), "0");
 }
+
+/// A host program talks to a guest service through the VM's vsock socket (`vhpc vm connect`
+/// writes `CONNECT <port>`): the guest runs vhpc's echo service on vsock port 5000 (the
+/// guest's /init is the vhpc binary); a line and 2 MiB of random bytes come back unchanged
+/// (credit flow control both ways); a port nobody listens on is refused clearly.
+#[test]
+#[ignore = "lab test: boots emulated hosts; run by scripts/test.sh"]
+fn host_programs_reach_guest_vsock_services_with_connect() {
+    let run = lab(
+        2,
+        r#"vhpc vm start e --memory 512; echo start=$?
+vhpc exec e -- sh -c '/init vsock-echo 5000 > /dev/null 2>&1 &'
+sleep 1
+echo echoed=$(echo hello-over-vsock | vhpc vm connect e 5000)
+dd if=/dev/urandom of=/tmp/r bs=1048576 count=2 2>/dev/null
+echo sum_sent=$(sha256sum < /tmp/r | cut -d' ' -f1)
+echo sum_back=$(vhpc vm connect e 5000 < /tmp/r | sha256sum | cut -d' ' -f1)
+vhpc vm connect e 5001 < /dev/null; echo refused=$?
+vhpc exec e -- echo still-alive
+vhpc vm stop e; echo stop=$?"#,
+    );
+    assert_eq!(run.status, 0);
+    assert_eq!(field(&run, "start"), "0");
+    assert_eq!(field(&run, "echoed"), "hello-over-vsock");
+    let sum = field(&run, "sum_sent");
+    assert_eq!(sum.len(), 64, "a sha256: {sum}");
+    assert_eq!(field(&run, "sum_back"), sum, "2 MiB echoed unchanged");
+    assert_eq!(field(&run, "refused"), "125");
+    assert!(
+        run.stderr
+            .contains("nothing listens on guest vsock port 5001")
+    );
+    assert!(run.stdout.lines().any(|l| l == "still-alive"));
+    assert_eq!(field(&run, "stop"), "0");
+}

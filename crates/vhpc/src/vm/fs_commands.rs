@@ -1,4 +1,5 @@
-//! `vhpc cp` and `vhpc vm freeze|thaw`: clients of a VM's copy and freeze routes.
+//! `vhpc cp` and `vhpc vm freeze|thaw`: clients of a VM's copy and freeze routes;
+//! `vhpc vm connect`: standard input and output to a guest vsock port.
 
 use std::path::{Path, PathBuf};
 
@@ -101,6 +102,23 @@ pub fn thaw(name: &str) -> anyhow::Result<i32> {
     for m in result.thawed {
         println!("{m}");
     }
+    Ok(0)
+}
+
+/// `vhpc vm connect NAME PORT`: relays stdin to the guest port and the port to stdout
+/// until the guest closes; the end of stdin is passed on as a half-close.
+pub fn connect(name: &str, port: u32) -> anyhow::Result<i32> {
+    let dir = Runtime::from_env().existing(name)?;
+    let stream = super::agent_client::connect(&dir.vsock_sock(), port)
+        .with_context(|| format!("VM {name}: cannot connect to guest vsock port {port}"))?;
+    let mut to_guest = stream.try_clone()?;
+    std::thread::spawn(move || {
+        let _ = std::io::copy(&mut std::io::stdin().lock(), &mut to_guest);
+        let _ = to_guest.shutdown(std::net::Shutdown::Write);
+    });
+    let mut from_guest = stream;
+    std::io::copy(&mut from_guest, &mut std::io::stdout().lock())
+        .with_context(|| format!("VM {name}: the connection to port {port} failed"))?;
     Ok(0)
 }
 

@@ -43,6 +43,12 @@ pub enum VmCommand {
     Freeze(fs_commands::FreezeArgs),
     /// Thaw the file systems `vhpc vm freeze` froze.
     Thaw { name: String },
+    /// Connect standard input and output to a guest's vsock port (through NAME/vsock.sock).
+    Connect {
+        name: String,
+        /// The guest's vsock port.
+        port: u32,
+    },
     /// The VMM process of one VM (started by `vhpc vm start`).
     #[command(hide = true)]
     Serve(ServeArgs),
@@ -129,6 +135,7 @@ pub fn run(command: VmCommand) -> anyhow::Result<i32> {
         VmCommand::Api(args) => commands::api(args),
         VmCommand::Freeze(args) => fs_commands::freeze(args),
         VmCommand::Thaw { name } => fs_commands::thaw(&name),
+        VmCommand::Connect { name, port } => fs_commands::connect(&name, port),
         VmCommand::Serve(args) => vmm_process::run(args.dir, args.lock_fd),
     }
 }

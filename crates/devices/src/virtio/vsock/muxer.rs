@@ -146,9 +146,11 @@ impl Muxer {
                 }
                 if set.intersects(EventSet::OUT | EventSet::ERROR)
                     && let Some(conn) = self.conns.get_mut(&key)
-                    && let Err(fault) = conn.flush_to_socket()
                 {
-                    self.reset(key, &format!("{fault:?}"));
+                    match conn.flush_to_socket() {
+                        Ok(()) => self.close_if_done(key),
+                        Err(fault) => self.reset(key, &format!("{fault:?}")),
+                    }
                 }
             }
             None => {}
@@ -427,14 +429,21 @@ impl Muxer {
         };
         conn.guest_done_sending |= flags & SHUTDOWN_SEND != 0;
         conn.guest_done_receiving |= flags & SHUTDOWN_RCV != 0;
-        if conn.guest_done_sending && conn.guest_done_receiving {
-            // The guest closed: pass on what it sent (best effort), then confirm with RST.
-            let _ = conn.flush_to_socket();
-            self.reset(key, "the guest closed the connection");
-            return;
+        match conn.flush_to_socket() {
+            Ok(()) => self.close_if_done(key),
+            Err(fault) => self.reset(key, &format!("{fault:?}")),
         }
-        if let Err(fault) = conn.flush_to_socket() {
-            self.reset(key, &format!("{fault:?}"));
+    }
+
+    /// A connection the guest closed (SHUTDOWN with both flags) ends, confirmed with RST,
+    /// once everything it sent has reached the socket.
+    fn close_if_done(&mut self, key: ConnKey) {
+        if let Some(conn) = self.conns.get(&key)
+            && conn.guest_done_sending
+            && conn.guest_done_receiving
+            && conn.pending_to_socket() == 0
+        {
+            self.reset(key, "the guest closed the connection");
         }
     }
 

@@ -354,6 +354,37 @@ fn credit_updates_follow_forwarded_data() {
     assert_eq!(got[0].0.fwd_cnt, 96 << 10);
 }
 
+/// 256 KiB (all the credit) then a close, to a client that has not read yet: more than the
+/// Unix socket takes at once, so the close must wait for the rest to be written.
+#[test]
+fn a_guest_close_waits_until_its_data_reached_the_client() {
+    let (_dir, mut g, path) = rig();
+    let (mut c, port) = connected(&mut g, &path);
+    let chunk: Vec<u8> = (0..MAX_PAYLOAD).map(|i| (i % 251) as u8).collect();
+    for _ in 0..4 {
+        g.send(g.header(1024, port, OP_RW, chunk.len() as u32), &chunk);
+    }
+    g.send(g.header(1024, port, OP_SHUTDOWN, 0).with_flags(3), &[]);
+    c.set_nonblocking(true).unwrap();
+    let mut got = Vec::new();
+    let mut buf = vec![0u8; 8192];
+    let mut rst = false;
+    for _ in 0..100_000 {
+        match c.read(&mut buf) {
+            Ok(0) => break,
+            Ok(n) => got.extend_from_slice(&buf[..n]),
+            Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {}
+            Err(e) => panic!("{e}"),
+        }
+        g.exchange();
+        rst |= g.received().iter().any(|p| p.0.op == OP_RST);
+    }
+    assert_eq!(got.len(), 4 * chunk.len(), "every byte reached the client");
+    assert!(got.chunks(chunk.len()).all(|c| c == chunk.as_slice()));
+    assert!(rst, "the close is confirmed with RST");
+    assert_eq!(g.muxer.connection_count(), 0, "closed after the data");
+}
+
 #[test]
 fn malformed_packets_are_dropped_and_unknown_connections_reset() {
     let (_dir, mut g, _path) = rig();

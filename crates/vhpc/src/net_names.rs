@@ -74,7 +74,11 @@ mod tests {
         assert_eq!(a, for_vm("a", &nets), "stable");
         assert_eq!(a[0].tap_name(), Some("vhpc-a-0"));
         let moved = retap_for_vm("b", &a);
-        assert_eq!(moved[0].tap_name(), Some("vhpc-b-0"), "a bridge TAP follows the name");
+        assert_eq!(
+            moved[0].tap_name(),
+            Some("vhpc-b-0"),
+            "a bridge TAP follows the name"
+        );
         assert_eq!(moved[1].tap_name(), Some("t9"), "an explicit TAP stays");
         assert_eq!(
             moved.iter().map(|n| n.mac).collect::<Vec<_>>(),

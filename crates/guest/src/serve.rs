@@ -39,7 +39,18 @@ pub(crate) fn serve_vsock() -> Result<(), ServeError> {
     let listener = VsockListener::bind(AGENT_VSOCK_PORT).map_err(ServeError::Listen)?;
     let freezer = Freezer::default();
     loop {
-        let mut conn = listener.accept().map_err(ServeError::Accept)?;
+        let mut conn = match listener.accept() {
+            Ok(conn) => conn,
+            // A connection that was reset before it was accepted (a VM restored from a
+            // checkpoint resets the guest's vsock transport) costs only that connection.
+            Err(e) if accept_error_is_transient(&e) => {
+                kmsg::warn(&format!(
+                    "agent: accepting a connection failed: {e}; waiting for the next"
+                ));
+                continue;
+            }
+            Err(e) => return Err(ServeError::Accept(e)),
+        };
         let result = serve(&mut conn, &freezer);
         // A freeze never outlives the session that asked for it.
         let thawed = freezer.thaw();
@@ -60,6 +71,16 @@ pub(crate) fn serve_vsock() -> Result<(), ServeError> {
             Err(e) => kmsg::warn(&format!("agent: session ended: {e}; waiting for the host")),
         }
     }
+}
+
+/// Errors of `accept` that concern one connection, not the listening socket.
+fn accept_error_is_transient(e: &io::Error) -> bool {
+    matches!(
+        e.kind(),
+        io::ErrorKind::Interrupted
+            | io::ErrorKind::ConnectionAborted
+            | io::ErrorKind::ConnectionReset
+    ) || e.raw_os_error() == Some(libc::EPROTO)
 }
 
 /// Shuts our sending side and waits up to a second for the host to close.
@@ -293,6 +314,27 @@ fn parse_health(uptime: &str, loadavg: &str, meminfo: &str) -> Health {
 #[allow(clippy::unwrap_used)] // a failed unwrap is a failed test
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_reset_or_aborted_connection_does_not_stop_accepting() {
+        for errno in [
+            libc::ECONNRESET,
+            libc::ECONNABORTED,
+            libc::EINTR,
+            libc::EPROTO,
+        ] {
+            assert!(
+                accept_error_is_transient(&io::Error::from_raw_os_error(errno)),
+                "{errno}"
+            );
+        }
+        for errno in [libc::EBADF, libc::EINVAL, libc::ENOTSOCK, libc::EMFILE] {
+            assert!(
+                !accept_error_is_transient(&io::Error::from_raw_os_error(errno)),
+                "{errno}"
+            );
+        }
+    }
 
     /// A channel whose input arrives in fixed pieces and whose output is collected.
     struct Pipe {

@@ -8,10 +8,12 @@ use std::os::fd::RawFd;
 use std::os::unix::fs::FileTypeExt;
 use std::os::unix::net::UnixListener;
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU32, Ordering};
 
-use virtio_queue::Queue;
+use virtio_queue::{Queue, QueueT};
 
-use super::muxer::Muxer;
+use super::muxer::{FIRST_LOCAL_PORT, Muxer};
 use super::packet::MAX_PAYLOAD;
 use super::rings;
 use crate::virtio::{GuestMemory, QueueError, QueueHandler, VirtioBackend};
@@ -37,6 +39,11 @@ pub struct Vsock {
     guest_cid: u64,
     uds_path: PathBuf,
     listener: UnixListener,
+    /// The host port the next host-initiated connection gets (shared with the muxer).
+    pub(super) next_local_port: Arc<AtomicU32>,
+    /// Restored from a checkpoint: tell the guest driver its connections are gone when the
+    /// queues start (see [`super::persist`]).
+    pub(super) reset_on_activate: bool,
 }
 
 impl Vsock {
@@ -61,11 +68,17 @@ impl Vsock {
             guest_cid,
             uds_path: uds_path.to_path_buf(),
             listener,
+            next_local_port: Arc::new(AtomicU32::new(FIRST_LOCAL_PORT)),
+            reset_on_activate: false,
         })
     }
 
     pub fn guest_cid(&self) -> u64 {
         self.guest_cid
+    }
+
+    pub(super) fn set_guest_cid(&mut self, guest_cid: u64) {
+        self.guest_cid = guest_cid;
     }
 
     pub fn uds_path(&self) -> &Path {
@@ -102,20 +115,37 @@ impl VirtioBackend for Vsock {
     }
 
     fn activate(&mut self, _features: u64) -> io::Result<Box<dyn QueueHandler>> {
-        let muxer = Muxer::new(self.guest_cid, &self.uds_path, self.listener.try_clone()?)?;
+        let muxer = Muxer::new(self.guest_cid, &self.uds_path, self.listener.try_clone()?)?
+            .with_port_counter(self.next_local_port.clone());
         Ok(Box::new(VsockHandler {
             muxer,
             guest_cid: self.guest_cid,
             scratch: vec![0; MAX_PAYLOAD as usize],
+            transport_reset: std::mem::take(&mut self.reset_on_activate)
+                .then_some(ResetEvent::Owed),
         }))
     }
 }
 
 /// The worker thread's side: all work happens in `process_backend`, which sees every queue.
-struct VsockHandler {
+pub(super) struct VsockHandler {
     muxer: Muxer,
     guest_cid: u64,
     scratch: Vec<u8>,
+    /// Where the transport reset a restored device owes the guest is.
+    transport_reset: Option<ResetEvent>,
+}
+
+/// The transport reset of a restored device.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum ResetEvent {
+    /// Not sent yet (no event buffer so far).
+    Owed,
+    /// Sent when the event queue's avail index was `avail`. The guest handles an event and then
+    /// gives the buffer back (Linux: `virtio_vsock_event_fill_one` after
+    /// `virtio_vsock_event_handle`), so a new available buffer means the guest's old
+    /// connections are gone and new ones can be offered.
+    Sent { avail: u16 },
 }
 
 impl QueueHandler for VsockHandler {
@@ -132,34 +162,47 @@ impl QueueHandler for VsockHandler {
         queues: &mut [Queue],
         mem: &GuestMemory,
     ) -> Result<u64, QueueError> {
-        rings::exchange(
+        let mut used = 0;
+        if let Some(reset) = self.transport_reset {
+            let event = queues
+                .get_mut(rings::EVENT_QUEUE)
+                .filter(|q| q.ready())
+                .map(|q| (q.avail_idx(mem, Ordering::Acquire).map(|i| i.0), q));
+            self.transport_reset = match (reset, event) {
+                // No event queue: no driver to tell (and nothing to wait for).
+                (_, None) | (_, Some((Err(_), _))) => None,
+                (ResetEvent::Owed, Some((Ok(_), q))) => {
+                    let (sent, any_used) = rings::send_transport_reset(q, mem)?;
+                    if any_used {
+                        used |= 1 << rings::EVENT_QUEUE;
+                    }
+                    let avail = q
+                        .avail_idx(mem, Ordering::Acquire)
+                        .map_err(QueueError::Ring)?;
+                    Some(if sent {
+                        ResetEvent::Sent { avail: avail.0 }
+                    } else {
+                        ResetEvent::Owed
+                    })
+                }
+                (ResetEvent::Sent { avail }, Some((Ok(now), _))) if now != avail => None,
+                (sent, Some(_)) => Some(sent),
+            };
+            if self.transport_reset.is_some() {
+                // Until the guest has handled the reset, a new connection's REQUEST could
+                // reach it first and be reset with the old ones: clients wait (their CONNECT
+                // lines are read), guest packets stay in the tx queue.
+                self.muxer.handle_socket_events();
+                return Ok(used);
+            }
+        }
+        let exchanged = rings::exchange(
             &mut self.muxer,
             queues,
             mem,
             &mut self.scratch,
             self.guest_cid,
-        )
-    }
-}
-
-/// Checkpoints of a VM with vsock are refused until the device saves its state (the merge of
-/// checkpoints and vsock; the next commit implements it).
-impl crate::persist::Persist for Vsock {
-    type State = crate::persist::NoState;
-    const VERSION: u32 = 0;
-    const NAME: &'static str = "virtio-vsock";
-
-    fn save(&self) -> Result<Self::State, crate::persist::PersistError> {
-        Err(crate::persist::PersistError::Encode {
-            device: Self::NAME,
-            detail: "checkpoints of a VM with vsock are not supported yet".into(),
-        })
-    }
-
-    fn restore(&mut self, _: Self::State) -> Result<(), crate::persist::PersistError> {
-        Err(crate::persist::PersistError::Restore {
-            device: Self::NAME,
-            detail: "checkpoints of a VM with vsock are not supported yet".into(),
-        })
+        )?;
+        Ok(used | exchanged)
     }
 }

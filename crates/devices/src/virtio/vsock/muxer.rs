@@ -17,6 +17,8 @@ use std::io::{self, Read, Write};
 use std::os::fd::{AsRawFd, RawFd};
 use std::os::unix::net::{UnixListener, UnixStream};
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU32, Ordering};
 
 use vmm_sys_util::epoll::{ControlOperation, Epoll, EpollEvent, EventSet};
 
@@ -32,7 +34,7 @@ const MAX_CONNECT_LINE: usize = 32;
 /// Control packets waiting for the guest beyond which guest packets are not taken.
 const CONTROL_HIGH_WATER: usize = 256;
 /// Host ports of host-initiated connections are taken from here up.
-const FIRST_LOCAL_PORT: u32 = 1 << 30;
+pub const FIRST_LOCAL_PORT: u32 = 1 << 30;
 const LISTENER_TOKEN: u64 = 0;
 
 /// A connection: (host port, guest port).
@@ -66,7 +68,9 @@ pub struct Muxer {
     /// Connections whose socket may have bytes for the guest.
     readable: VecDeque<ConnKey>,
     readable_set: HashSet<ConnKey>,
-    next_local_port: u32,
+    /// Shared with the device, which saves it in checkpoints: a restored VM's new host
+    /// connections never reuse the host port of one its guest may still hold.
+    next_local_port: Arc<AtomicU32>,
     warned: bool,
 }
 
@@ -91,9 +95,19 @@ impl Muxer {
             control: VecDeque::new(),
             readable: VecDeque::new(),
             readable_set: HashSet::new(),
-            next_local_port: FIRST_LOCAL_PORT,
+            next_local_port: Arc::new(AtomicU32::new(FIRST_LOCAL_PORT)),
             warned: false,
         })
+    }
+
+    /// Takes host ports for host-initiated connections from `counter` (which the caller keeps
+    /// to save) instead of a counter of its own.
+    pub fn with_port_counter(mut self, counter: Arc<AtomicU32>) -> Muxer {
+        if counter.load(Ordering::Relaxed) < FIRST_LOCAL_PORT {
+            counter.store(FIRST_LOCAL_PORT, Ordering::Relaxed);
+        }
+        self.next_local_port = counter;
+        self
     }
 
     /// The fd the device worker waits on: readable when a socket needs attention.
@@ -280,11 +294,11 @@ impl Muxer {
 
     fn free_local_port(&mut self, peer_port: u32) -> u32 {
         loop {
-            let port = self.next_local_port;
-            self.next_local_port = self
-                .next_local_port
-                .checked_add(1)
-                .unwrap_or(FIRST_LOCAL_PORT);
+            let port = self.next_local_port.load(Ordering::Relaxed);
+            self.next_local_port.store(
+                port.checked_add(1).unwrap_or(FIRST_LOCAL_PORT),
+                Ordering::Relaxed,
+            );
             let key = ConnKey {
                 local_port: port,
                 peer_port,

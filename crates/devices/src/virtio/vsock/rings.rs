@@ -118,6 +118,52 @@ impl<B: vm_memory::bitmap::BitmapSlice> ReadableChain for virtio_queue::Reader<'
     }
 }
 
+/// `VIRTIO_VSOCK_EVENT_TRANSPORT_RESET` (virtio 1.x §5.10.6.7): the event's `id`.
+pub const EVENT_TRANSPORT_RESET: u32 = 0;
+/// `struct virtio_vsock_event`: one le32.
+pub const EVENT_LEN: usize = 4;
+
+/// Puts a transport reset event into the guest's next event buffer. Returns (whether it was
+/// delivered, whether any used entry was written): a buffer that is not a device-writable
+/// buffer of at least 4 bytes is returned unused (length 0) and the next one tried; with no
+/// buffer left the event waits for the driver to give one.
+pub fn send_transport_reset(
+    queue: &mut Queue,
+    mem: &GuestMemory,
+) -> Result<(bool, bool), QueueError> {
+    let mut used = false;
+    loop {
+        let Some(chain) = queue.iter(mem).map_err(QueueError::Ring)?.next() else {
+            return Ok((false, used));
+        };
+        let head = chain.head_index();
+        let written = match chain.writer(mem) {
+            Ok(mut w) if w.available_bytes() >= EVENT_LEN => w
+                .write_all(&EVENT_TRANSPORT_RESET.to_le_bytes())
+                .map_err(|e| e.to_string()),
+            Ok(w) => Err(format!(
+                "an event buffer of {} bytes cannot hold an event",
+                w.available_bytes()
+            )),
+            Err(e) => Err(e.to_string()),
+        };
+        match written {
+            Ok(()) => {
+                queue
+                    .add_used(mem, head, EVENT_LEN as u32)
+                    .map_err(QueueError::Ring)?;
+                log::info!("virtio-vsock: transport reset sent to the guest");
+                return Ok((true, true));
+            }
+            Err(e) => {
+                log::warn!("virtio-vsock: unusable event buffer ({e}); trying the next one");
+                queue.add_used(mem, head, 0).map_err(QueueError::Ring)?;
+                used = true;
+            }
+        }
+    }
+}
+
 /// Gives the guest's receive buffers the muxer's packets until either runs out.
 pub fn fill_rx(
     muxer: &mut Muxer,

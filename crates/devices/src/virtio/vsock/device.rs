@@ -186,7 +186,14 @@ impl QueueHandler for VsockHandler {
                     })
                 }
                 (ResetEvent::Sent { avail }, Some((Ok(now), _))) if now != avail => None,
-                (sent, Some(_)) => Some(sent),
+                (sent, Some(_)) => {
+                    // Raise the event queue's interrupt again on every wake-up until the guest
+                    // answers: the first one may have gone before the vCPUs' saved LAPIC
+                    // state was put back over it (a restored device starts first). A
+                    // spurious one costs the guest a look at the used ring.
+                    used |= 1 << rings::EVENT_QUEUE;
+                    Some(sent)
+                }
             };
             if self.transport_reset.is_some() {
                 // Until the guest has handled the reset, a new connection's REQUEST could

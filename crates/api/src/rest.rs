@@ -12,6 +12,13 @@ use crate::VmConfig;
 pub struct VmSpec {
     pub name: String,
     pub config: VmConfig,
+    /// The guest's vsock CID (the VM's agent channel is virtio-vsock).
+    #[serde(default = "default_guest_cid")]
+    pub guest_cid: u64,
+}
+
+fn default_guest_cid() -> u64 {
+    crate::DEFAULT_GUEST_CID
 }
 
 /// Where a long-running VM is in its life.
@@ -177,4 +184,56 @@ pub struct MigrateDone {
     pub total_ms: f64,
     /// From the source's vCPUs stopped to the destination's confirmation that it runs.
     pub downtime_ms: f64,
+}
+
+/// `PUT /vm/copy-in` body: the VMM process reads `host_path` and writes it to `guest_path`.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct CopyInRequest {
+    /// An absolute path on the host (the VMM process reads it).
+    pub host_path: String,
+    /// An absolute path in the guest; replaced when the whole file has arrived.
+    pub guest_path: String,
+}
+
+/// `PUT /vm/copy-out` body: the guest's `guest_path` is written to `host_path`.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct CopyOutRequest {
+    /// An absolute path of a regular file in the guest.
+    pub guest_path: String,
+    /// An absolute path on the host (the VMM process writes it); replaced when complete.
+    pub host_path: String,
+}
+
+/// What a copy in either direction did.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct CopyResult {
+    pub bytes: u64,
+    /// The permission bits the copy has (those of its source).
+    pub mode: u32,
+}
+
+/// `PUT /vm/fs/freeze` body (optional: no body freezes every freezable file system).
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct FreezeRequest {
+    /// Mount points in the guest; empty: every mounted file system on a block device.
+    #[serde(default)]
+    pub mount_points: Vec<String>,
+    /// The agent thaws by itself after this many seconds (default 60, at most 3600).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub timeout_secs: Option<u32>,
+}
+
+/// `PUT /vm/fs/freeze` answer.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct FreezeResult {
+    pub frozen: Vec<String>,
+}
+
+/// `PUT /vm/fs/thaw` answer.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ThawResult {
+    pub thawed: Vec<String>,
 }

@@ -1,6 +1,6 @@
 //! The pid-1 flow: set up the system, switch to a root disk if `vhpc.root=` asks for one, run
-//! the one command (or, with `vhpc.agent=serve` on the kernel command line, serve requests
-//! until asked to stop), report it, power off.
+//! the one command and report it on the agent serial port (or, with `vhpc.agent=serve` on the
+//! kernel command line, serve requests over vsock until asked to stop), power off.
 
 use std::io;
 use std::path::Path;
@@ -60,21 +60,23 @@ pub fn run_init() -> ! {
     power_off()
 }
 
-/// Opens the agent channel, switches to the root disk if asked, runs the command and reports
-/// its output and status.
+/// Switches to the root disk if asked, then serves the host over vsock (long-running VMs), or
+/// runs the command and reports its output and status on the agent serial port.
 fn agent() -> Result<(), InitError> {
     let cmdline = std::fs::read_to_string("/proc/cmdline").unwrap_or_default();
-    let serving = serve::requested(&cmdline);
+    if serve::requested(&cmdline) {
+        if let Some(device) = switch_root::requested_device(&cmdline) {
+            switch_root::switch_to(device)?;
+        }
+        return Ok(serve::serve_vsock()?);
+    }
     // Both come from the initramfs, which a switch to the root disk empties: the command file,
     // and the tty (its fd stays valid when /dev moves into the new root).
-    let command = (!serving).then(read_command);
+    let command = read_command();
     let mut tty = tty::open_raw(Path::new(AGENT_TTY))?;
     if let Some(device) = switch_root::requested_device(&cmdline)
         && let Err(err) = switch_root::switch_to(device)
     {
-        if serving {
-            return Err(err.into());
-        }
         let msg = format!("cannot boot from the root disk: {err}");
         kmsg::error(&msg);
         relay::send(&mut tty, &Frame::Error(msg))?;
@@ -87,11 +89,10 @@ fn agent() -> Result<(), InitError> {
         ));
     }
     match command {
-        None => serve::serve(&mut tty)?,
-        Some(Ok(argv)) => {
+        Ok(argv) => {
             relay::run_command(&argv, &mut tty, Reap::All)?;
         }
-        Some(Err(msg)) => {
+        Err(msg) => {
             kmsg::error(&msg);
             relay::send(&mut tty, &Frame::Error(msg))?;
             relay::send(&mut tty, &Frame::Exit(127))?;

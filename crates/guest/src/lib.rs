@@ -5,11 +5,14 @@
 //! the host, brings up `lo`, runs the command from [`protocol::COMMAND_PATH`], streams its output and exit
 //! status as [`protocol::Frame`]s over [`protocol::AGENT_TTY`], and powers the machine off.
 //! With [`protocol::SERVE_FLAG`] on the kernel command line it instead serves
-//! [`protocol::session`] requests (exec, health, power-off) until asked to power off.
+//! [`protocol::session`] requests (exec, health, file copy, freeze/thaw, power-off) on vsock
+//! port [`protocol::AGENT_VSOCK_PORT`] until asked to power off.
 //! With [`protocol::ROOT_FLAG`] it first makes a disk the root file system (stage one of a
 //! two-stage boot: the initramfs loads the drivers, the disk holds the distribution).
 //! The same agent serves as `/init` of the lab's emulated hosts.
 
+mod files;
+mod freeze;
 mod hostname;
 mod init;
 mod kmsg;
@@ -21,5 +24,6 @@ pub mod relay;
 mod serve;
 mod switch_root;
 mod tty;
+pub mod vsock;
 
 pub use init::{InitError, run_init};

@@ -24,6 +24,8 @@ pub mod session;
 /// On the guest kernel's command line: /init serves [`session`] requests on the agent channel
 /// instead of running [`COMMAND_PATH`] once (`vhpc vm start` sets it).
 pub const SERVE_FLAG: &str = "vhpc.agent=serve";
+/// The vsock port the long-running agent listens on (one session per connection).
+pub const AGENT_VSOCK_PORT: u32 = 1024;
 
 /// On the guest kernel's command line as `vhpc.root=DEVICE`: /init mounts DEVICE (ext4) and
 /// runs the command or the serve agent inside it (`vhpc run --rootfs IMG` sets it).

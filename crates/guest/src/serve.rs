@@ -1,14 +1,19 @@
-//! The long-running agent: serves [`session`] requests on the agent channel, one at a time,
-//! until the host asks it to power off.
+//! The long-running agent: listens on vsock port [`AGENT_VSOCK_PORT`] and serves
+//! [`session`] requests on each connection, one connection and one request at a time, until
+//! the host asks it to power off. A connection that ends or breaks is followed by the next
+//! one (the host reconnects after an error on its side).
 
 use std::io::{self, Read, Write};
 
 use thiserror::Error;
 
+use crate::files::{self, CopyIn};
+use crate::freeze::Freezer;
 use crate::kmsg;
 use crate::protocol::session::{self, Decoder, Health, Message, Request, Response};
-use crate::protocol::{Frame, FrameDecoder, SERVE_FLAG};
+use crate::protocol::{AGENT_VSOCK_PORT, Frame, FrameDecoder, SERVE_FLAG};
 use crate::relay::{self, Reap, RelayError};
+use crate::vsock::VsockListener;
 
 #[derive(Debug, Error)]
 pub enum ServeError {
@@ -20,6 +25,86 @@ pub enum ServeError {
     Write(#[source] io::Error),
     #[error(transparent)]
     Relay(#[from] RelayError),
+    #[error(
+        "cannot listen on vsock port {AGENT_VSOCK_PORT}: {0}; the VM needs a virtio-vsock \
+         device (`vhpc vm start` gives it one) and the initramfs the vsock modules"
+    )]
+    Listen(#[source] io::Error),
+    #[error("cannot accept a vsock connection: {0}")]
+    Accept(#[source] io::Error),
+}
+
+/// Serves connections on the agent's vsock port until one of them asks for power-off.
+pub(crate) fn serve_vsock() -> Result<(), ServeError> {
+    let listener = VsockListener::bind(AGENT_VSOCK_PORT).map_err(ServeError::Listen)?;
+    let freezer = Freezer::default();
+    loop {
+        let mut conn = match listener.accept() {
+            Ok(conn) => conn,
+            // A connection that was reset before it was accepted (a VM restored from a
+            // checkpoint resets the guest's vsock transport) costs only that connection.
+            Err(e) if accept_error_is_transient(&e) => {
+                kmsg::warn(&format!(
+                    "agent: accepting a connection failed: {e}; waiting for the next"
+                ));
+                continue;
+            }
+            Err(e) => return Err(ServeError::Accept(e)),
+        };
+        let result = serve(&mut conn, &freezer);
+        // A freeze never outlives the session that asked for it.
+        let thawed = freezer.thaw();
+        if !thawed.is_empty() {
+            kmsg::warn(&format!(
+                "agent: the host's session ended; thawed {}",
+                thawed.join(", ")
+            ));
+        }
+        match result {
+            Ok(()) => {
+                // Let the acknowledgement reach the host: it closes the connection when it
+                // has it (bounded, so a host that went away cannot hold up the power-off).
+                linger(&conn);
+                return Ok(());
+            }
+            Err(ServeError::HungUp) => {}
+            Err(e) => kmsg::warn(&format!("agent: session ended: {e}; waiting for the host")),
+        }
+    }
+}
+
+/// Errors of `accept` that concern one connection, not the listening socket.
+fn accept_error_is_transient(e: &io::Error) -> bool {
+    matches!(
+        e.kind(),
+        io::ErrorKind::Interrupted
+            | io::ErrorKind::ConnectionAborted
+            | io::ErrorKind::ConnectionReset
+    ) || e.raw_os_error() == Some(libc::EPROTO)
+}
+
+/// Shuts our sending side and waits up to a second for the host to close.
+fn linger(conn: &std::fs::File) {
+    use std::os::fd::AsRawFd;
+    let timeout = libc::timeval {
+        tv_sec: 1,
+        tv_usec: 0,
+    };
+    // SAFETY: shutdown and setsockopt on a socket fd we own, with a valid timeval of the
+    // size passed; failures only shorten the wait.
+    unsafe {
+        libc::shutdown(conn.as_raw_fd(), libc::SHUT_WR);
+        libc::setsockopt(
+            conn.as_raw_fd(),
+            libc::SOL_SOCKET,
+            libc::SO_RCVTIMEO,
+            (&raw const timeout).cast(),
+            std::mem::size_of::<libc::timeval>() as libc::socklen_t,
+        );
+    }
+    let mut buf = [0u8; 256];
+    let mut conn = conn;
+    while matches!(conn.read(&mut buf), Ok(n) if n > 0) {}
 }
 
 /// Whether the kernel command line asks for the long-running agent.
@@ -29,13 +114,20 @@ pub(crate) fn requested(cmdline: &str) -> bool {
 
 /// Announces itself, then serves requests until a power-off request (returns `Ok`) or a
 /// broken channel. A malformed request is answered with an error and the stream restarted.
-pub(crate) fn serve(channel: &mut (impl Read + Write)) -> Result<(), ServeError> {
+pub(crate) fn serve(
+    channel: &mut (impl Read + Write),
+    freezer: &Freezer,
+) -> Result<(), ServeError> {
     let ready = Response::Ready {
         agent_version: env!("CARGO_PKG_VERSION").to_owned(),
     };
     respond(channel, 0, &ready)?;
     let mut decoder = Decoder::<Request>::new();
-    let mut buf = vec![0u8; 4096];
+    let mut session = Session {
+        freezer,
+        copy_in: None,
+    };
+    let mut buf = vec![0u8; 64 << 10];
     loop {
         let n = match channel.read(&mut buf) {
             Ok(0) => return Err(ServeError::HungUp),
@@ -46,7 +138,7 @@ pub(crate) fn serve(channel: &mut (impl Read + Write)) -> Result<(), ServeError>
         match decoder.push(&buf[..n]) {
             Ok(messages) => {
                 for message in messages {
-                    if handle(channel, message)? == Next::PowerOff {
+                    if session.handle(channel, message)? == Next::PowerOff {
                         return Ok(());
                     }
                 }
@@ -66,40 +158,93 @@ enum Next {
     PowerOff,
 }
 
-fn handle(channel: &mut impl Write, message: Message<Request>) -> Result<Next, ServeError> {
-    let id = message.id;
-    match message.body {
-        Request::Ping => respond(channel, id, &Response::Health(health()))?,
-        Request::Exec { argv, stdin } => {
-            let mut sink = SessionSink {
-                inner: channel,
-                id,
-                frames: FrameDecoder::new(),
-            };
-            // pid 1 inherits every orphan and must reap them; elsewhere (tests) reaping any
-            // child would steal other threads' children.
-            let reap = if std::process::id() == 1 {
-                Reap::All
-            } else {
-                Reap::Child
-            };
-            relay::run_command_with_stdin(&argv, &stdin, &mut sink, reap)?;
+/// What a session remembers between requests.
+struct Session<'a> {
+    freezer: &'a Freezer,
+    /// A copy-in whose end has not arrived yet.
+    copy_in: Option<CopyIn>,
+}
+
+impl Session<'_> {
+    fn handle(
+        &mut self,
+        channel: &mut impl Write,
+        message: Message<Request>,
+    ) -> Result<Next, ServeError> {
+        let id = message.id;
+        match message.body {
+            Request::Ping => respond(channel, id, &Response::Health(health()))?,
+            Request::Exec { argv, stdin } => {
+                let mut sink = SessionSink {
+                    inner: channel,
+                    id,
+                    frames: FrameDecoder::new(),
+                };
+                // pid 1 inherits every orphan and must reap them; elsewhere (tests) reaping
+                // any child would steal other threads' children.
+                let reap = if std::process::id() == 1 {
+                    Reap::All
+                } else {
+                    Reap::Child
+                };
+                relay::run_command_with_stdin(&argv, &stdin, &mut sink, reap)?;
+            }
+            Request::PowerOff => {
+                respond(channel, id, &Response::PowerOffAck)?;
+                return Ok(Next::PowerOff);
+            }
+            Request::CopyInStart { path, mode, size } => {
+                if let Some(old) = self.copy_in.take() {
+                    let text = "a new copy started before this one ended; it was abandoned";
+                    respond(channel, old.id, &Response::Error(text.into()))?;
+                }
+                self.copy_in = Some(CopyIn::start(id, &path, mode, size));
+            }
+            Request::CopyInData(data) => match self.copy_in.as_mut() {
+                Some(copy) if copy.id == id => copy.data(&data),
+                _ => {
+                    let text = "file data for a copy that was not started";
+                    respond(channel, id, &Response::Error(text.into()))?;
+                }
+            },
+            Request::CopyInEnd => {
+                let response = match self.copy_in.take_if(|c| c.id == id) {
+                    Some(copy) => match copy.finish() {
+                        Ok(bytes) => Response::Done(bytes),
+                        Err(e) => Response::Error(e),
+                    },
+                    None => Response::Error("the end of a copy that was not started".into()),
+                };
+                respond(channel, id, &response)?;
+            }
+            Request::CopyOut { path } => {
+                files::copy_out(&path, &mut |r| send(channel, id, &r))
+                    .map_err(ServeError::Write)?;
+            }
+            Request::Freeze {
+                mount_points,
+                timeout_secs,
+            } => {
+                let response = match self.freezer.freeze(&mount_points, timeout_secs) {
+                    Ok(frozen) => Response::Frozen(frozen),
+                    Err(e) => Response::Error(e),
+                };
+                respond(channel, id, &response)?;
+            }
+            Request::Thaw => respond(channel, id, &Response::Thawed(self.freezer.thaw()))?,
         }
-        Request::PowerOff => {
-            respond(channel, id, &Response::PowerOffAck)?;
-            return Ok(Next::PowerOff);
-        }
+        Ok(Next::Serve)
     }
-    Ok(Next::Serve)
 }
 
 fn respond(channel: &mut impl Write, id: u32, response: &Response) -> Result<(), ServeError> {
+    send(channel, id, response).map_err(ServeError::Write)
+}
+
+fn send(channel: &mut impl Write, id: u32, response: &Response) -> io::Result<()> {
     let mut out = Vec::new();
     session::encode_response(id, response, &mut out);
-    channel
-        .write_all(&out)
-        .and_then(|()| channel.flush())
-        .map_err(ServeError::Write)
+    channel.write_all(&out).and_then(|()| channel.flush())
 }
 
 /// Turns the one-shot frames the command relay writes into session responses of request `id`.
@@ -170,6 +315,27 @@ fn parse_health(uptime: &str, loadavg: &str, meminfo: &str) -> Health {
 mod tests {
     use super::*;
 
+    #[test]
+    fn a_reset_or_aborted_connection_does_not_stop_accepting() {
+        for errno in [
+            libc::ECONNRESET,
+            libc::ECONNABORTED,
+            libc::EINTR,
+            libc::EPROTO,
+        ] {
+            assert!(
+                accept_error_is_transient(&io::Error::from_raw_os_error(errno)),
+                "{errno}"
+            );
+        }
+        for errno in [libc::EBADF, libc::EINVAL, libc::ENOTSOCK, libc::EMFILE] {
+            assert!(
+                !accept_error_is_transient(&io::Error::from_raw_os_error(errno)),
+                "{errno}"
+            );
+        }
+    }
+
     /// A channel whose input arrives in fixed pieces and whose output is collected.
     struct Pipe {
         input: std::collections::VecDeque<Vec<u8>>,
@@ -213,7 +379,7 @@ mod tests {
             input,
             output: Vec::new(),
         };
-        serve(&mut pipe).unwrap();
+        serve(&mut pipe, &Freezer::default()).unwrap();
         Decoder::<Response>::new().push(&pipe.output).unwrap()
     }
 
@@ -262,6 +428,64 @@ mod tests {
     }
 
     #[test]
+    fn copy_in_then_out_and_freeze_errors() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("copied").to_str().unwrap().to_owned();
+        let data: Vec<u8> = (0..150_000u32).map(|i| (i * 7) as u8).collect();
+        let mut requests = vec![(
+            4,
+            Request::CopyInStart {
+                path: path.clone(),
+                mode: 0o640,
+                size: data.len() as u64,
+            },
+        )];
+        for chunk in data.chunks(session::MAX_CHUNK) {
+            requests.push((4, Request::CopyInData(chunk.to_vec())));
+        }
+        requests.extend([
+            (4, Request::CopyInEnd),
+            (5, Request::CopyOut { path: path.clone() }),
+            (6, Request::CopyInData(vec![1])),
+            (
+                7,
+                Request::Freeze {
+                    mount_points: vec!["/nonexistent/m".into()],
+                    timeout_secs: 5,
+                },
+            ),
+            (8, Request::Thaw),
+            (9, Request::PowerOff),
+        ]);
+        let got = serve_requests(&requests, &[]);
+        let of = |id| got.iter().filter(move |m| m.id == id).map(|m| &m.body);
+        assert_eq!(of(4).collect::<Vec<_>>(), [&Response::Done(150_000)]);
+        let out: Vec<_> = of(5).collect();
+        assert_eq!(
+            out[0],
+            &Response::FileInfo {
+                mode: 0o640,
+                size: 150_000
+            }
+        );
+        let bytes: Vec<u8> = out
+            .iter()
+            .filter_map(|r| match r {
+                Response::FileData(d) => Some(d.clone()),
+                _ => None,
+            })
+            .flatten()
+            .collect();
+        assert_eq!(bytes, data);
+        assert_eq!(out.last(), Some(&&Response::Done(150_000)));
+        assert!(matches!(of(6).next(), Some(Response::Error(e)) if e.contains("not started")));
+        assert!(
+            matches!(of(7).next(), Some(Response::Error(e)) if e.contains("cannot freeze /nonexistent/m"))
+        );
+        assert_eq!(of(8).next(), Some(&Response::Thawed(vec![])));
+    }
+
+    #[test]
     fn garbage_is_answered_and_serving_goes_on() {
         let got = serve_requests(&[(3, Request::PowerOff)], b"junk");
         assert!(
@@ -282,7 +506,10 @@ mod tests {
             input: Default::default(),
             output: Vec::new(),
         };
-        assert!(matches!(serve(&mut pipe), Err(ServeError::HungUp)));
+        assert!(matches!(
+            serve(&mut pipe, &Freezer::default()),
+            Err(ServeError::HungUp)
+        ));
     }
 
     #[test]

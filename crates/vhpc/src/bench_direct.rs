@@ -184,6 +184,7 @@ fn in_process_lifecycle(s: &Setup) -> anyhow::Result<Duration> {
         console: Box::new(std::io::sink()),
         agent: Box::new(std::io::sink()),
         extra_initramfs: Vec::new(),
+        vsock: None,
         timeout: None,
     };
     let start = Instant::now();

@@ -48,6 +48,7 @@ fn io() -> VmIo {
         console: Box::new(std::io::sink()),
         agent: Box::new(std::io::sink()),
         extra_initramfs: Vec::new(),
+        vsock: None,
         timeout: None,
     }
 }

@@ -32,6 +32,13 @@ pub enum Command {
     /// Move a running VM to another VMM process (this host or another) while it runs; the
     /// destination waits with `vhpc vm receive NAME --listen HOST:PORT`.
     Migrate(crate::vm::MigrateArgs),
+    /// Copy a file into or out of a long-running VM: `vhpc cp LOCAL NAME:/path` or
+    /// `vhpc cp NAME:/path LOCAL` (streamed; permission bits kept).
+    Cp(crate::vm::fs_commands::CpArgs),
+    /// In a guest: echo every connection on a vsock port (a test service for `vhpc vm
+    /// connect`; runs until killed).
+    #[command(hide = true)]
+    VsockEcho { port: u32 },
     /// Checkpoint a long-running VM (`vhpc snapshot NAME DIR`), or inspect and merge
     /// checkpoints on disk.
     Snapshot(SnapshotArgs),
@@ -172,6 +179,14 @@ pub struct RunArgs {
     /// from the TAP's name.
     #[arg(long = "net", value_name = "tap=NAME|bridge=BR[,mac=MAC]")]
     pub nets: Vec<vhpc_api::NetConfig>,
+    /// Give the guest a virtio-vsock device whose host end is this Unix socket: clients
+    /// connect and write `CONNECT <port>\n`; guest connections to host port P go to
+    /// `PATH_P`.
+    #[arg(long, value_name = "PATH")]
+    pub vsock: Option<PathBuf>,
+    /// The guest's vsock CID (with --vsock).
+    #[arg(long, default_value_t = vhpc_api::DEFAULT_GUEST_CID, requires = "vsock")]
+    pub vsock_cid: u64,
     /// The command to run in the guest.
     #[arg(last = true, required = true)]
     pub command: Vec<String>,

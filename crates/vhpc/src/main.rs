@@ -42,6 +42,10 @@ fn main() {
         cli::Command::Migrate(args) => vm::commands::migrate(args),
         cli::Command::GuestIo(args) => guest_io::run(args),
         cli::Command::Bench(cli::BenchCommand::Blk(args)) => bench_blk::run(args),
+        cli::Command::Cp(args) => vm::fs_commands::cp(args),
+        cli::Command::VsockEcho { port } => vhpc_guest::vsock::echo(port)
+            .map(|()| 0)
+            .map_err(|e| anyhow::anyhow!("vsock echo on port {port}: {e}")),
         cli::Command::Bench(cli::BenchCommand::Snapshot(args)) => bench_snapshot::run(args),
         cli::Command::Snapshot(args) => snapshot_cmd::run(args),
         cli::Command::Bench(cli::BenchCommand::Net(args)) => bench_net::run(args),

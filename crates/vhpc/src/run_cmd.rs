@@ -5,7 +5,7 @@ use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use anyhow::{Context, bail};
-use vhpc_api::{MemoryConfig, VmConfig};
+use vhpc_api::{MemoryConfig, VmConfig, VsockConfig};
 use vhpc_image::cache::Cache;
 use vhpc_vmm::boot::GuestKind;
 use vhpc_vmm::{VmIo, VmOutcome};
@@ -104,6 +104,18 @@ fn vm_config(args: &RunArgs) -> anyhow::Result<VmConfig> {
     Ok(config)
 }
 
+fn vsock_config(args: &RunArgs) -> anyhow::Result<Option<VsockConfig>> {
+    let Some(socket) = &args.vsock else {
+        return Ok(None);
+    };
+    let config = VsockConfig {
+        guest_cid: args.vsock_cid,
+        socket: socket.clone(),
+    };
+    config.validate()?;
+    Ok(Some(config))
+}
+
 fn console_sink(args: &RunArgs) -> anyhow::Result<Box<dyn Write + Send>> {
     let file = match &args.console_log {
         Some(p) => Some(
@@ -146,6 +158,7 @@ pub fn run(args: RunArgs) -> anyhow::Result<i32> {
         agent: Box::new(AgentRelay::new(report.clone())),
         extra_initramfs,
         timeout: args.timeout.map(Duration::from_secs),
+        vsock: vsock_config(&args)?,
     };
     let (outcome, log) = vhpc_vmm::run(&config, io)?;
     Ok(match outcome {

@@ -166,6 +166,7 @@ pub fn restore(args: RestoreArgs) -> anyhow::Result<i32> {
         },
         agent: Box::new(std::io::sink()),
         extra_initramfs: Vec::new(),
+        vsock: None,
         timeout: None,
     };
     let opts = RestoreOptions {

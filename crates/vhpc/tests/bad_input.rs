@@ -242,3 +242,40 @@ fn bad_net_specs_say_what_to_fix() {
         assert!(stderr.contains(expected), "--net {spec}: {stderr}");
     }
 }
+
+#[test]
+fn bad_vsock_options() {
+    let dir = tempfile::tempdir().expect("temp dir");
+    let sock = dir.path().join("v.sock");
+    let sock = sock.to_str().expect("utf-8 path");
+    assert_one_line_error(
+        &["--vsock", sock, "--vsock-cid", "2"],
+        "guest CID 2 is reserved",
+    );
+    let long = format!("/{}", "x".repeat(120));
+    assert_one_line_error(&["--vsock", &long], "too long for a Unix socket");
+    // A regular file where the socket should go is not replaced.
+    let file = temp_file(b"keep me");
+    let path = file.path().to_str().expect("utf-8 path");
+    require_kvm();
+    let guest = dir.path().join("g.elf");
+    std::fs::write(&guest, vhpc_testguest_elf()).expect("write the test guest");
+    assert_one_line_error(
+        &["--kernel", guest.to_str().expect("utf-8"), "--vsock", path],
+        "exists and is not a socket",
+    );
+    assert_eq!(std::fs::read(file.path()).expect("read"), b"keep me");
+}
+
+/// vhpc's own freestanding test guest (`vhpc image test-guest`).
+fn vhpc_testguest_elf() -> Vec<u8> {
+    let dir = tempfile::tempdir().expect("temp dir");
+    let out = dir.path().join("g.elf");
+    let status = Command::new(env!("CARGO_BIN_EXE_vhpc"))
+        .args(["image", "test-guest", "--out"])
+        .arg(&out)
+        .status()
+        .expect("run vhpc image test-guest");
+    assert!(status.success());
+    std::fs::read(&out).expect("read the test guest")
+}

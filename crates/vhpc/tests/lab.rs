@@ -938,3 +938,172 @@ vhpc vm stop b; vhpc vm stop c"#;
         "{ports}"
     );
 }
+
+/// File copy through the agent on vsock: a 10 MiB random file in and back out with the same
+/// sha256 and permission bits; a missing guest file and a missing guest directory are clear
+/// errors. (Every request goes through the VM's vsock socket with `CONNECT 1024`.)
+#[test]
+#[ignore = "lab test: boots emulated hosts; run by scripts/test.sh"]
+fn copies_a_10_mib_file_in_and_out_over_vsock() {
+    let run = lab(
+        2,
+        r#"t() { cut -d' ' -f1 /proc/uptime; }
+secs() { awk "BEGIN{print $(t)-$1}"; }
+vhpc vm start c --memory 512; echo start=$?
+ls -l /run/vhpc/c/vsock.sock | cut -c1 | sed 's/^/sock_type=/'
+dd if=/dev/urandom of=/tmp/in.bin bs=1048576 count=10 2>/dev/null; chmod 751 /tmp/in.bin
+echo sum_in=$(sha256sum < /tmp/in.bin | cut -d' ' -f1)
+t0=$(t); vhpc cp /tmp/in.bin c:/tmp/copied.bin; echo cp_in=$?; echo cp_in_secs=$(secs $t0)
+vhpc exec c -- sh -c 'echo sum_guest=$(sha256sum < /tmp/copied.bin | cut -d" " -f1); echo mode_guest=$(stat -c %a /tmp/copied.bin); ls -a /tmp | grep -c vhpc-copy | sed "s/^/leftover_guest=/"'
+mkdir /tmp/out; t0=$(t); vhpc cp c:/tmp/copied.bin /tmp/out; echo cp_out=$?; echo cp_out_secs=$(secs $t0)
+echo sum_out=$(sha256sum < /tmp/out/copied.bin | cut -d' ' -f1); echo mode_out=$(stat -c %a /tmp/out/copied.bin)
+vhpc cp c:/no/such/file /tmp/x; echo missing=$?
+vhpc cp /tmp/in.bin c:/no/such/dir/f; echo nodir=$?
+vhpc cp /tmp/in.bin /tmp/y; echo no_vm=$?
+vhpc exec c -- echo still-alive
+vhpc vm stop c; echo stop=$?"#,
+    );
+    assert_eq!(run.status, 0);
+    assert_eq!(field(&run, "start"), "0");
+    assert_eq!(field(&run, "sock_type"), "s", "NAME/vsock.sock is a socket");
+    let sum = field(&run, "sum_in");
+    assert_eq!(sum.len(), 64, "a sha256: {sum}");
+    assert_eq!(field(&run, "cp_in"), "0");
+    assert_eq!(
+        field(&run, "sum_guest"),
+        sum,
+        "the guest has the same bytes"
+    );
+    assert_eq!(
+        field(&run, "mode_guest"),
+        "751",
+        "mode bits kept on the way in"
+    );
+    assert_eq!(field(&run, "leftover_guest"), "0", "no temporary file left");
+    assert_eq!(field(&run, "cp_out"), "0");
+    assert_eq!(field(&run, "sum_out"), sum, "the same bytes came back");
+    assert_eq!(
+        field(&run, "mode_out"),
+        "751",
+        "mode bits kept on the way out"
+    );
+    assert_eq!(field(&run, "missing"), "125");
+    assert!(
+        run.stderr
+            .contains("in the guest: cannot open /no/such/file in the guest"),
+        "missing guest file reported"
+    );
+    assert_eq!(field(&run, "nodir"), "125");
+    assert!(
+        run.stderr
+            .contains("cannot create /no/such/dir/f in the guest")
+    );
+    assert_eq!(field(&run, "no_vm"), "125");
+    assert!(run.stderr.contains("neither side names a VM"));
+    assert!(run.stdout.lines().any(|l| l == "still-alive"));
+    assert_eq!(field(&run, "stop"), "0");
+}
+
+/// Freeze and thaw of a guest ext4 file system on a virtio disk: a write started during the
+/// freeze blocks until the thaw; a freeze the host does not end thaws by itself after its
+/// timeout; an unfreezable mount point is a clear error. busybox has no mkfs.ext4: the disk
+/// gets an ext2 file system (busybox mke2fs) mounted with the ext4 driver (`-t ext4`).
+#[test]
+#[ignore = "lab test: boots emulated hosts; run by scripts/test.sh"]
+fn freeze_blocks_guest_writes_until_thaw() {
+    let run = lab(
+        2,
+        r#"truncate -s 64M /tmp/f.img
+vhpc vm start f --memory 512 --disk /tmp/f.img; echo start=$?
+vhpc exec f -- sh -c 'mke2fs -q /dev/vda && mkdir -p /mnt && mount -t ext4 /dev/vda /mnt && grep " /mnt " /proc/mounts | cut -d" " -f3 | sed "s/^/fstype=/"'
+WRITER='(cut -d" " -f1 /proc/uptime > /tmp/t0; echo written-$1 > /mnt/file; cut -d" " -f1 /proc/uptime > /tmp/t1) > /dev/null 2>&1 &'
+STATE='if [ -e /tmp/t1 ]; then echo written; else echo blocked; fi'
+vhpc vm freeze f /mnt | sed 's/^/frozen=/'
+vhpc exec f -- sh -c "rm -f /tmp/t1; $WRITER" sh one
+sleep 4; echo during_freeze=$(vhpc exec f -- sh -c "$STATE")
+vhpc vm thaw f | sed 's/^/thawed=/'
+sleep 1; echo after_thaw=$(vhpc exec f -- sh -c "$STATE")
+echo content=$(vhpc exec f -- cat /mnt/file)
+echo blocked_secs=$(vhpc exec f -- awk '{print $1}' /tmp/t0 /tmp/t1 | awk 'NR==1{a=$1} NR==2{print $1-a}')
+vhpc vm freeze f --timeout 6 | sed 's/^/frozen_all=/'
+vhpc exec f -- sh -c "rm -f /tmp/t1; $WRITER" sh two
+sleep 1; echo before_timeout=$(vhpc exec f -- sh -c "$STATE")
+sleep 8; echo after_timeout=$(vhpc exec f -- sh -c "$STATE")
+echo content2=$(vhpc exec f -- cat /mnt/file)
+echo blocked_secs2=$(vhpc exec f -- awk '{print $1}' /tmp/t0 /tmp/t1 | awk 'NR==1{a=$1} NR==2{print $1-a}')
+vhpc vm thaw f | wc -l | sed 's/^/thawed_after_timeout=/'
+vhpc vm freeze f /nonexistent; echo bad_freeze=$?
+vhpc vm api f PUT /vm/fs/freeze '{"mount_points": ["rel"]}'; r=$?; echo; echo bad_body=$r
+vhpc vm stop f; echo stop=$?"#,
+    );
+    assert_eq!(run.status, 0);
+    assert_eq!(field(&run, "start"), "0");
+    assert_eq!(field(&run, "fstype"), "ext4");
+    assert_eq!(field(&run, "frozen"), "/mnt");
+    assert_eq!(field(&run, "during_freeze"), "blocked", "the write waits");
+    assert_eq!(field(&run, "thawed"), "/mnt");
+    assert_eq!(field(&run, "after_thaw"), "written", "the thaw released it");
+    assert_eq!(field(&run, "content"), "written-one");
+    let blocked: f64 = field(&run, "blocked_secs").parse().expect("seconds");
+    assert!(
+        blocked >= 3.5,
+        "the write was blocked {blocked} s, not ~4 s"
+    );
+    assert_eq!(
+        field(&run, "frozen_all"),
+        "/mnt",
+        "freeze-all finds the disk"
+    );
+    assert_eq!(field(&run, "before_timeout"), "blocked");
+    assert_eq!(
+        field(&run, "after_timeout"),
+        "written",
+        "auto-thaw after 3 s"
+    );
+    assert_eq!(field(&run, "content2"), "written-two");
+    assert_eq!(
+        field(&run, "thawed_after_timeout"),
+        "0",
+        "nothing left frozen"
+    );
+    assert_eq!(field(&run, "bad_freeze"), "125");
+    assert!(run.stderr.contains("cannot freeze /nonexistent"));
+    assert!(run.stdout.contains("is not an absolute path"));
+    assert_eq!(field(&run, "bad_body"), "1", "a 4xx answer");
+    assert_eq!(field(&run, "stop"), "0");
+}
+
+/// A host program talks to a guest service through the VM's vsock socket (`vhpc vm connect`
+/// writes `CONNECT <port>`): the guest runs vhpc's echo service on vsock port 5000 (the
+/// guest's /init is the vhpc binary); a line and 2 MiB of random bytes come back unchanged
+/// (credit flow control both ways); a port nobody listens on is refused clearly.
+#[test]
+#[ignore = "lab test: boots emulated hosts; run by scripts/test.sh"]
+fn host_programs_reach_guest_vsock_services_with_connect() {
+    let run = lab(
+        2,
+        r#"vhpc vm start e --memory 512; echo start=$?
+vhpc exec e -- sh -c '/init vsock-echo 5000 > /dev/null 2>&1 &'
+sleep 1
+echo echoed=$(echo hello-over-vsock | vhpc vm connect e 5000)
+dd if=/dev/urandom of=/tmp/r bs=1048576 count=2 2>/dev/null
+echo sum_sent=$(sha256sum < /tmp/r | cut -d' ' -f1)
+echo sum_back=$(vhpc vm connect e 5000 < /tmp/r | sha256sum | cut -d' ' -f1)
+vhpc vm connect e 5001 < /dev/null; echo refused=$?
+vhpc exec e -- echo still-alive
+vhpc vm stop e; echo stop=$?"#,
+    );
+    assert_eq!(run.status, 0);
+    assert_eq!(field(&run, "start"), "0");
+    assert_eq!(field(&run, "echoed"), "hello-over-vsock");
+    let sum = field(&run, "sum_sent");
+    assert_eq!(sum.len(), 64, "a sha256: {sum}");
+    assert_eq!(field(&run, "sum_back"), sum, "2 MiB echoed unchanged");
+    assert_eq!(field(&run, "refused"), "125");
+    assert!(
+        run.stderr
+            .contains("nothing listens on guest vsock port 5001")
+    );
+    assert!(run.stdout.lines().any(|l| l == "still-alive"));
+    assert_eq!(field(&run, "stop"), "0");
+}

@@ -60,6 +60,7 @@ fn chain_of_a_counting_guest(root: &Path, n: u64) {
         console: Box::new(std::io::sink()),
         agent: Box::new(std::io::sink()),
         extra_initramfs: Vec::new(),
+        vsock: None,
         timeout: None,
     };
     let mut vm = Vm::boot(&config, io).expect("boot");

@@ -20,7 +20,7 @@ use kvm_bindings::{
     kvm_irq_routing_msi,
 };
 use kvm_ioctls::{IoEventAddress, NoDatamatch, VmFd};
-use vhpc_api::{DiskConfig, NetConfig};
+use vhpc_api::{DiskConfig, NetConfig, VsockConfig};
 use vhpc_devices::bus::PioBus;
 use vhpc_devices::pci::msix::{MsiMessage, MsiRouter, MsixVectors};
 use vhpc_devices::pci::{PCI_CONFIG_PORT, PCI_CONFIG_PORT_LEN, PciBus, PciConfigIo};
@@ -29,6 +29,7 @@ use vhpc_devices::virtio::block::Block;
 use vhpc_devices::virtio::pci_transport::{
     BAR_SIZE, VirtioPciDevice, msix_vector_count, notify_address,
 };
+use vhpc_devices::virtio::vsock::Vsock;
 use vmm_sys_util::eventfd::{EFD_NONBLOCK, EventFd};
 
 use crate::layout;
@@ -119,13 +120,14 @@ fn device_err(what: &'static str) -> impl FnOnce(&dyn std::fmt::Display) -> VmEr
 }
 
 /// Builds PCI bus 0 (host bridge, one virtio-blk function per disk in order, so the first
-/// disk is /dev/vda, then one virtio-net function per interface, eth0 first), wires every
-/// device to KVM and puts the config ports on `pio`.
+/// disk is /dev/vda, then one virtio-net function per interface, eth0 first, then the vsock
+/// device if there is one), wires every device to KVM and puts the config ports on `pio`.
 pub fn build(
     vm: &Arc<VmFd>,
     mem: &GuestMemory,
     disks: &[DiskConfig],
     nets: &[NetConfig],
+    vsock: Option<&VsockConfig>,
     pio: &mut PioBus,
 ) -> Result<Arc<PciBus>, VmError> {
     let mut wiring = Wiring {
@@ -155,6 +157,16 @@ pub fn build(
     for (index, net) in nets.iter().enumerate() {
         let device = crate::net_backend::open(net, index)?;
         wiring.add("virtio-net", format!("virtio-net{index}"), Box::new(device))?;
+    }
+    if let Some(config) = vsock {
+        let device = Vsock::new(config.guest_cid, &config.socket)
+            .map_err(|e| device_err("virtio-vsock")(&e))?;
+        log::debug!(
+            "virtio-vsock: guest CID {}, host socket {}",
+            config.guest_cid,
+            config.socket.display()
+        );
+        wiring.add("virtio-vsock", "virtio-vsock".into(), Box::new(device))?;
     }
     let bus = Arc::new(wiring.bus);
     pio.insert(

@@ -14,7 +14,7 @@ use kvm_bindings::{
     kvm_userspace_memory_region,
 };
 use kvm_ioctls::{Kvm, VcpuFd, VmFd};
-use vhpc_api::{HostLimits, VmConfig};
+use vhpc_api::{HostLimits, VmConfig, VsockConfig};
 use vhpc_devices::bus::{Buses, PioBus};
 use vhpc_devices::serial::{COM1_IRQ, COM1_PORT, COM2_IRQ, COM2_PORT, SERIAL_PORT_LEN, SerialPort};
 use vhpc_devices::{acpi_pm, debug_exit, i8042, rtc};
@@ -55,6 +55,8 @@ pub struct VmIo {
     pub extra_initramfs: Vec<u8>,
     /// Stop the VM if it runs longer than this.
     pub timeout: Option<Duration>,
+    /// A virtio-vsock device and the Unix socket that is its host end.
+    pub vsock: Option<VsockConfig>,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -167,7 +169,7 @@ impl Vm {
     pub fn boot(config: &VmConfig, io: VmIo) -> Result<Vm, VmError> {
         let (kvm, kind) = open_kvm(config)?;
         let mem = memory::create(&config.memory)?;
-        let mut vm = Vm::create(&kvm, config, mem, io.console, io.agent)?;
+        let mut vm = Vm::create(&kvm, config, mem, io.console, io.agent, io.vsock.as_ref())?;
         let (entry, all_at_entry) = load_guest(config, &vm.mem, &io.extra_initramfs, kind)?;
         let supported = kvm
             .get_supported_cpuid(KVM_MAX_CPUID_ENTRIES)
@@ -229,7 +231,7 @@ impl Vm {
             )));
         }
         let (kvm, _) = open_kvm(config)?;
-        let mut vm = Vm::create(&kvm, config, mem, io.console, io.agent)?;
+        let mut vm = Vm::create(&kvm, config, mem, io.console, io.agent, io.vsock.as_ref())?;
         irqchip.restore(&vm.fd)?;
         // After the irqchip (a serial port may raise its pending interrupt), before the vCPUs.
         device_state::restore(&vm.legacy, &vm.bus.pci, state.devices)?;
@@ -254,6 +256,7 @@ impl Vm {
         mem: GuestMemory,
         console: Box<dyn Write + Send>,
         agent: Box<dyn Write + Send>,
+        vsock: Option<&VsockConfig>,
     ) -> Result<Vm, VmError> {
         install_kick_handler().map_err(|e| VmError::Device {
             what: "the vCPU kick signal",
@@ -270,7 +273,8 @@ impl Vm {
         let (mut pio, legacy) = build_devices(&fd, Box::new(console), agent, &events_tx)?;
         let agent_port = legacy.agent_port.clone();
         let legacy = legacy.saved;
-        let pci = crate::pci_devices::build(&fd, &mem, &config.disks, &config.nets, &mut pio)?;
+        let pci =
+            crate::pci_devices::build(&fd, &mem, &config.disks, &config.nets, vsock, &mut pio)?;
         let bus = Arc::new(Buses { pio, pci });
         Ok(Vm {
             fd,

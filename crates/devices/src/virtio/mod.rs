@@ -7,7 +7,8 @@
 //! - [`transport_state`] what a checkpoint keeps of a virtio-pci device;
 //! - [`worker`] the thread that does a device's work, woken only by queue eventfds;
 //! - [`block`] virtio-blk on raw image files;
-//! - [`net`] virtio-net on a TAP device.
+//! - [`net`] virtio-net on a TAP device;
+//! - [`vsock`] virtio-vsock with the VMM as the host end, connections mapped to Unix sockets.
 //!
 //! A device is a [`VirtioBackend`] (identity, features, config space) that hands a
 //! [`QueueHandler`] to its worker thread when the driver sets DRIVER_OK. Everything the guest
@@ -19,6 +20,7 @@ pub mod common_cfg;
 pub mod net;
 pub mod pci_transport;
 pub mod transport_state;
+pub mod vsock;
 pub mod worker;
 
 use std::os::fd::RawFd;
@@ -63,7 +65,7 @@ pub enum QueueError {
 /// changed in it, and what identifies it) goes into checkpoints through [`DeviceState`]; the
 /// transport saves feature negotiation, queues and MSI-X for it.
 pub trait VirtioBackend: Send + DeviceState {
-    /// The virtio device ID (2 = block).
+    /// The virtio device ID (1 = net, 2 = block, 19 = vsock).
     fn device_type(&self) -> u16;
     /// The PCI class code (24 bits) the function reports.
     fn pci_class(&self) -> u32;
@@ -111,5 +113,24 @@ pub trait QueueHandler: Send {
         _mem: &GuestMemory,
     ) -> Result<Vec<usize>, QueueError> {
         Ok(Vec::new())
+    }
+
+    /// For devices with a host-side backend that they poll themselves (vsock's sockets,
+    /// behind an epoll fd of the handler's): one fd the worker also waits on, readable when
+    /// the backend has work. `None` (the default) for the others.
+    fn backend_fd(&self) -> Option<RawFd> {
+        None
+    }
+
+    /// Moves data between the backend and all of the device's `queues`; the worker calls it
+    /// when [`Self::backend_fd`] is readable and after every wake-up (queue notifications
+    /// included). Returns a bit mask of the queues that got used entries (their vectors are
+    /// raised).
+    fn process_backend(
+        &mut self,
+        _queues: &mut [Queue],
+        _mem: &GuestMemory,
+    ) -> Result<u64, QueueError> {
+        Ok(0)
     }
 }

@@ -7,7 +7,10 @@
 //! if anything was used. A device may also hand it host fds to wait on (a TAP device): those
 //! are watched only while the device says it can use what they bring ([`QueueHandler::
 //! backend_wanted`]), so a readable fd with nowhere to put its data never makes the thread
-//! spin. vCPU threads never do device work beyond register accesses.
+//! spin. A device with a backend of its own that it polls itself (vsock's sockets) gives one
+//! fd instead ([`QueueHandler::backend_fd`]); the worker then lets the handler move data
+//! between backend and queues when that fd is readable and after every notification.
+//! vCPU threads never do device work beyond register accesses.
 
 use std::os::fd::{AsRawFd, RawFd};
 use std::sync::Arc;
@@ -38,6 +41,10 @@ pub struct WorkerParts {
     pub needs_reset: Arc<AtomicBool>,
 }
 
+/// The epoll token of the handler's backend fd (queue tokens are their indexes).
+const BACKEND_TOKEN: u64 = u64::MAX - 1;
+const STOP_TOKEN: u64 = u64::MAX;
+
 /// A running worker thread; dropping it stops and joins the thread.
 ///
 /// Stopping is how a device quiesces for a checkpoint: a request being served when the stop
@@ -65,7 +72,7 @@ impl Worker {
         epoll.ctl(
             ControlOperation::Add,
             stop_rx.as_raw_fd(),
-            EpollEvent::new(EventSet::IN, u64::MAX),
+            EpollEvent::new(EventSet::IN, STOP_TOKEN),
         )?;
         let backend = parts
             .handler
@@ -75,6 +82,13 @@ impl Worker {
             .collect();
         let mut state = Backends { fds: backend };
         state.update(&epoll, &*parts.handler, false, parts.events.len())?;
+        if let Some(fd) = parts.handler.backend_fd() {
+            epoll.ctl(
+                ControlOperation::Add,
+                fd,
+                EpollEvent::new(EventSet::IN, BACKEND_TOKEN),
+            )?;
+        }
         let thread = std::thread::Builder::new()
             .name(parts.name.clone())
             .spawn(move || {
@@ -146,7 +160,7 @@ impl Backends {
 }
 
 fn run(mut p: WorkerParts, mut backends: Backends, epoll: &Epoll) -> WorkerParts {
-    let mut ready = vec![EpollEvent::default(); p.events.len() + backends.fds.len() + 1];
+    let mut ready = vec![EpollEvent::default(); p.events.len() + backends.fds.len() + 2];
     loop {
         let n = match epoll.wait(-1, &mut ready) {
             Ok(n) => n,
@@ -159,18 +173,21 @@ fn run(mut p: WorkerParts, mut backends: Backends, epoll: &Epoll) -> WorkerParts
         // Serve the queues and backends first: a notification that arrived with the stop is
         // not left for the restored VM to find out about.
         for event in &ready[..n] {
-            let index = event.data();
-            if index == u64::MAX {
+            let (index, queues) = (event.data(), p.events.len() as u64);
+            if index == STOP_TOKEN || index == BACKEND_TOKEN {
                 continue;
             }
-            let (index, queues) = (index as usize, p.events.len());
-            if index < queues {
+            let index = index as usize;
+            if index < queues as usize {
                 service(&mut p, index);
             } else {
-                service_backend(&mut p, index - queues);
+                service_backend(&mut p, index - queues as usize);
             }
         }
-        if ready[..n].iter().any(|e| e.data() == u64::MAX) {
+        if p.handler.backend_fd().is_some() {
+            service_own_backend(&mut p);
+        }
+        if ready[..n].iter().any(|e| e.data() == STOP_TOKEN) {
             return p;
         }
         let broken = p.needs_reset.load(Ordering::Relaxed);
@@ -198,6 +215,23 @@ fn service_backend(p: &mut WorkerParts, index: usize) {
             }
         }
         Err(e) => broken(p, &format!("backend {index}: {e}")),
+    }
+}
+
+/// Lets a handler with a backend of its own move data between it and the queues.
+fn service_own_backend(p: &mut WorkerParts) {
+    if p.needs_reset.load(Ordering::Relaxed) {
+        return;
+    }
+    match p.handler.process_backend(&mut p.queues, &p.mem) {
+        Ok(used) => {
+            for (index, vector) in p.vectors.iter().enumerate() {
+                if index < 64 && used & (1 << index) != 0 {
+                    p.msix.trigger(*vector);
+                }
+            }
+        }
+        Err(e) => broken(p, &e.to_string()),
     }
 }
 

@@ -16,6 +16,46 @@ fn requests() -> Vec<Message<Request>> {
             },
         },
         Message {
+            id: 3,
+            body: Request::CopyInStart {
+                path: "/tmp/é f".into(),
+                mode: 0o755,
+                size: 1 << 40,
+            },
+        },
+        Message {
+            id: 3,
+            body: Request::CopyInData(vec![0xA6; MAX_CHUNK]),
+        },
+        Message {
+            id: 3,
+            body: Request::CopyInEnd,
+        },
+        Message {
+            id: 4,
+            body: Request::CopyOut {
+                path: "/etc/hostname".into(),
+            },
+        },
+        Message {
+            id: 5,
+            body: Request::Freeze {
+                mount_points: vec!["/mnt".into(), "/".into()],
+                timeout_secs: 30,
+            },
+        },
+        Message {
+            id: 6,
+            body: Request::Freeze {
+                mount_points: vec![],
+                timeout_secs: 0,
+            },
+        },
+        Message {
+            id: 7,
+            body: Request::Thaw,
+        },
+        Message {
             id: u32::MAX,
             body: Request::PowerOff,
         },
@@ -38,6 +78,14 @@ fn responses() -> Vec<Message<Response>> {
         Response::Error("exec failed".into()),
         Response::Exit(-1),
         Response::PowerOffAck,
+        Response::FileInfo {
+            mode: 0o4755,
+            size: u64::MAX,
+        },
+        Response::FileData(vec![1, 2, 3]),
+        Response::Done(10 << 20),
+        Response::Frozen(vec!["/mnt".into()]),
+        Response::Thawed(vec![]),
     ];
     bodies
         .into_iter()
@@ -66,7 +114,7 @@ fn encode_responses(messages: &[Message<Response>]) -> Vec<u8> {
 fn header_layout() {
     let mut out = Vec::new();
     encode_response(0x0102_0304, &Response::Exit(7), &mut out);
-    assert_eq!(out, [0xA6, 1, 0x45, 0, 4, 3, 2, 1, 4, 0, 0, 0, 7, 0, 0, 0]);
+    assert_eq!(out, [0xA6, 2, 0x45, 0, 4, 3, 2, 1, 4, 0, 0, 0, 7, 0, 0, 0]);
 }
 
 #[test]
@@ -148,8 +196,67 @@ fn malformed_frames_give_clear_errors() {
         (b"GET /".to_vec(), |e| {
             matches!(e, SessionError::BadMagic { byte: b'G', .. })
         }),
-        (vec![MAGIC, 2], |e| {
-            matches!(e, SessionError::Version { got: 2 })
+        (vec![MAGIC, 1], |e| {
+            matches!(e, SessionError::Version { got: 1 })
+        }),
+        (
+            with(header(COPY_IN_START, 12), &[0; 12]),
+            |e| matches!(e, SessionError::BadPayload { kind: COPY_IN_START, detail, .. } if detail.contains("absolute")),
+        ),
+        (with(header(COPY_IN_START, 4), &[0; 4]), |e| {
+            matches!(
+                e,
+                SessionError::BadPayload {
+                    kind: COPY_IN_START,
+                    ..
+                }
+            )
+        }),
+        (with(header(COPY_OUT, 3), b"a/b"), |e| {
+            matches!(e, SessionError::BadPayload { kind: COPY_OUT, .. })
+        }),
+        (with(header(COPY_OUT, 3), b"/\0b"), |e| {
+            matches!(e, SessionError::BadPayload { kind: COPY_OUT, .. })
+        }),
+        (
+            with(
+                header(COPY_IN_DATA, MAX_CHUNK as u32 + 1),
+                &[0; MAX_CHUNK + 1],
+            ),
+            |e| {
+                matches!(
+                    e,
+                    SessionError::BadPayload {
+                        kind: COPY_IN_DATA,
+                        ..
+                    }
+                )
+            },
+        ),
+        (with(header(COPY_IN_END, 1), &[0]), |e| {
+            matches!(
+                e,
+                SessionError::BadPayload {
+                    kind: COPY_IN_END,
+                    ..
+                }
+            )
+        }),
+        (with(header(FREEZE, 2), &[0, 0]), |e| {
+            matches!(e, SessionError::BadPayload { kind: FREEZE, .. })
+        }),
+        (
+            with(header(FREEZE, 6), &[0, 0, 0, 0, b'/', b'm']),
+            |e| matches!(e, SessionError::BadPayload { kind: FREEZE, detail, .. } if detail.contains("NUL")),
+        ),
+        (with(header(FREEZE, 7), &[0, 0, 0, 0, b'm', b'/', 0]), |e| {
+            matches!(e, SessionError::BadPayload { kind: FREEZE, .. })
+        }),
+        (with(header(THAW, 1), &[0]), |e| {
+            matches!(e, SessionError::BadPayload { kind: THAW, .. })
+        }),
+        (header(FROZEN, 0), |e| {
+            matches!(e, SessionError::UnknownKind { kind: FROZEN, .. })
         }),
         (vec![MAGIC, VERSION, PING, 1], |e| {
             matches!(e, SessionError::Flags { flags: 1, .. })
@@ -196,6 +303,10 @@ fn malformed_frames_give_clear_errors() {
         }
     }
     let bad_responses: Vec<Vec<u8>> = vec![
+        with(header(FILE_INFO, 8), &[0; 8]),
+        with(header(DONE, 4), &[0; 4]),
+        with(header(THAWED, 2), b"/x"),
+        with(header(COPY_OUT, 2), b"/x"),
         with(header(EXIT, 2), &[0, 0]),
         with(header(HEALTH, 3), &[0, 0, 0]),
         with(header(ERROR, 1), &[0xff]),

@@ -1,20 +1,18 @@
 //! The guest agent's session across a checkpoint: the one place that knows how a VM restored
 //! as a long-running VM (`vhpc restore DIR --name NEW`) gets its agent back.
 //!
-//! The agent in the guest never notices a checkpoint: it keeps waiting for requests on its
-//! channel. Today that channel is COM2, whose 16550 state (registers, receive FIFO, pending
-//! interrupt) is in the checkpoint, so the guest's tty driver continues where it was. Only the
-//! host side is new: a fresh [`AgentClient`] that never saw the agent's Ready frame. So
+//! The agent's channel is a virtio-vsock stream (guest port 1024), and a stream cannot
+//! survive a checkpoint: its host end is a Unix socket of the process that took it. So
 //!
 //! 1. a checkpoint is taken only while the agent is idle ([`AgentClient::hold_idle`]): no
-//!    request or response is half sent, and the restored client's decoder starts at a frame
-//!    boundary;
-//! 2. the agent's version goes into the checkpoint as component `vhpc.agent` (version 1);
-//! 3. after restore, the client pings the agent ([`AgentClient::ping_resumed`]); its answer
-//!    establishes the session with the saved version, and the VM counts as running.
-//!
-//! When the agent moves to virtio-vsock, step 3 becomes "reconnect the vsock stream" (the
-//! guest side sees its connection reset and reconnects); steps 1-2 stay as they are.
+//!    request or response is half sent when the connection goes away;
+//! 2. the agent's version goes into the checkpoint as component `vhpc.agent` (version 1), and
+//!    into a live migration as a label;
+//! 3. after restore (or on a migration's destination) the vsock device queues a transport
+//!    reset for the guest driver, which resets the agent's old connection; the agent goes back
+//!    to accepting on its port, and the new process's [`AgentClient`] connects afresh
+//!    (`CONNECT 1024`) and gets a new Ready frame. [`resume`] waits for that Ready, and the VM
+//!    counts as running from then on.
 
 use std::time::{Duration, Instant};
 
@@ -62,22 +60,30 @@ pub fn saved_version(checkpoint: &Checkpoint) -> anyhow::Result<Option<String>> 
     Ok(Some(session.agent_version))
 }
 
-/// Re-establishes the session of a restored VM's agent: pings until it answers (the vCPUs
-/// may take a moment to run again) or [`RESUME_TIMEOUT`] passes.
+/// Waits until a restored or migrated VM's agent accepted the new vsock connection and
+/// announced itself (the vCPUs may take a moment to run again and the guest to process the
+/// transport reset), or [`RESUME_TIMEOUT`] passes. `agent_version` is the version saved with
+/// the checkpoint: the same guest answers with it again; anything else is logged.
 pub fn resume(agent: &AgentClient, agent_version: String) -> anyhow::Result<()> {
     let deadline = Instant::now() + RESUME_TIMEOUT;
     loop {
-        match agent.ping_resumed(agent_version.clone(), Duration::from_secs(5)) {
-            Ok(()) => {
-                log::info!("guest agent {agent_version} answered after the restore");
-                return Ok(());
+        if let Some(version) = agent.agent_version() {
+            if version == agent_version {
+                log::info!("guest agent {version} reconnected after the restore");
+            } else {
+                log::warn!(
+                    "guest agent {version} reconnected after the restore, but the checkpoint \
+                     recorded version {agent_version}"
+                );
             }
-            Err(e) if Instant::now() >= deadline => {
-                anyhow::bail!(
-                    "the restored guest agent did not answer within {RESUME_TIMEOUT:?}: {e}"
-                )
-            }
-            Err(e) => log::debug!("restored agent not answering yet: {e}"),
+            return Ok(());
         }
+        if Instant::now() >= deadline {
+            anyhow::bail!(
+                "the restored guest agent did not accept a new vsock connection within \
+                 {RESUME_TIMEOUT:?}"
+            );
+        }
+        std::thread::sleep(Duration::from_millis(50));
     }
 }

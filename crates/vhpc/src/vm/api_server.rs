@@ -9,9 +9,11 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::Duration;
 
 use serde::Serialize;
+use serde::de::DeserializeOwned;
 use vhpc_api::rest::{
-    ErrorBody, ExecEvent, ExecRequest, Health, MigrateEvent, MigrateRequest, SnapshotRequest,
-    SnapshotResponse, VmInfo,
+    CopyInRequest, CopyOutRequest, CopyResult, ErrorBody, ExecEvent, ExecRequest, FreezeRequest,
+    FreezeResult, Health, MigrateEvent, MigrateRequest, SnapshotRequest, SnapshotResponse,
+    ThawResult, VmInfo,
 };
 
 use super::http::{self, Request};
@@ -27,6 +29,10 @@ pub const ROUTES: &[(&str, &[&str])] = &[
     ("/vm/migrate", &["PUT"]),
     ("/exec", &["POST"]),
     ("/health", &["GET"]),
+    ("/vm/copy-in", &["PUT"]),
+    ("/vm/copy-out", &["PUT"]),
+    ("/vm/fs/freeze", &["PUT"]),
+    ("/vm/fs/thaw", &["PUT"]),
 ];
 
 /// Connections served at once; more get 503 (a misbehaving client cannot exhaust threads).
@@ -75,6 +81,13 @@ pub trait Backend: Send + Sync {
         request: ExecRequest,
         event: &mut dyn FnMut(ExecEvent) -> io::Result<()>,
     ) -> Result<(), ApiError>;
+    /// Copies a host file into the guest.
+    fn copy_in(&self, request: CopyInRequest) -> Result<CopyResult, ApiError>;
+    /// Copies a guest file to the host.
+    fn copy_out(&self, request: CopyOutRequest) -> Result<CopyResult, ApiError>;
+    /// Syncs and freezes guest file systems (they thaw by themselves after a timeout).
+    fn freeze(&self, request: FreezeRequest) -> Result<FreezeResult, ApiError>;
+    fn thaw(&self) -> Result<ThawResult, ApiError>;
 }
 
 /// Accepts connections until the listener fails.
@@ -168,6 +181,16 @@ pub fn respond(req: &Request, backend: &dyn Backend, w: &mut impl Write) -> io::
         "/exec" => return exec(req, backend, w),
         "/vm/snapshot" => return snapshot(req, backend, w),
         "/vm/migrate" => return migrate(req, backend, w),
+        "/vm/copy-in" => body(req, "{\"host_path\": \"/abs\", \"guest_path\": \"/abs\"}")
+            .and_then(|r| backend.copy_in(r))
+            .map(|r| send_json(w, 200, &r)),
+        "/vm/copy-out" => body(req, "{\"guest_path\": \"/abs\", \"host_path\": \"/abs\"}")
+            .and_then(|r| backend.copy_out(r))
+            .map(|r| send_json(w, 200, &r)),
+        "/vm/fs/freeze" => freeze_body(req)
+            .and_then(|r| backend.freeze(r))
+            .map(|r| send_json(w, 200, &r)),
+        "/vm/fs/thaw" => backend.thaw().map(|r| send_json(w, 200, &r)),
         _ => Err(ApiError::new(500, "route table and handlers disagree")),
     };
     match result {
@@ -200,6 +223,27 @@ fn snapshot(req: &Request, backend: &dyn Backend, w: &mut impl Write) -> io::Res
         }
         Err(e) => send_error(w, &e),
     }
+}
+
+/// A JSON request body; `shape` shows what was expected.
+fn body<T: DeserializeOwned>(req: &Request, shape: &str) -> Result<T, ApiError> {
+    serde_json::from_slice(&req.body).map_err(|e| {
+        ApiError::new(
+            400,
+            format!("invalid {} request body: {e}; expected {shape}", req.path),
+        )
+    })
+}
+
+/// A freeze body is optional: none freezes everything with the default timeout.
+fn freeze_body(req: &Request) -> Result<FreezeRequest, ApiError> {
+    if req.body.iter().all(u8::is_ascii_whitespace) {
+        return Ok(FreezeRequest::default());
+    }
+    body(
+        req,
+        "{\"mount_points\": [\"/mnt\"] (optional), \"timeout_secs\": 60 (optional)}",
+    )
 }
 
 fn no_content(w: &mut impl Write, status: u16) -> io::Result<()> {

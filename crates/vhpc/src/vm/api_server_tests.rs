@@ -51,6 +51,41 @@ impl Backend for Fake {
             },
         }
     }
+    fn copy_in(&self, request: CopyInRequest) -> Result<CopyResult, ApiError> {
+        self.running()?;
+        if !request.host_path.starts_with('/') {
+            return Err(ApiError::new(400, "host_path must be absolute"));
+        }
+        Ok(CopyResult {
+            bytes: 3,
+            mode: 0o644,
+        })
+    }
+    fn copy_out(&self, request: CopyOutRequest) -> Result<CopyResult, ApiError> {
+        self.running()?;
+        if request.guest_path == "/missing" {
+            return Err(ApiError::new(422, "in the guest: cannot open /missing"));
+        }
+        Ok(CopyResult {
+            bytes: 5,
+            mode: 0o600,
+        })
+    }
+    fn freeze(&self, request: FreezeRequest) -> Result<FreezeResult, ApiError> {
+        self.running()?;
+        let frozen = if request.mount_points.is_empty() {
+            vec!["/mnt".into()]
+        } else {
+            request.mount_points
+        };
+        Ok(FreezeResult { frozen })
+    }
+    fn thaw(&self) -> Result<ThawResult, ApiError> {
+        self.running()?;
+        Ok(ThawResult {
+            thawed: vec!["/mnt".into()],
+        })
+    }
     fn pause(&self) -> Result<(), ApiError> {
         self.running()?;
         *self.state.lock().unwrap() = VmRunState::Paused;
@@ -419,6 +454,10 @@ fn server_and_spec_agree() {
     let fake = Fake::new(VmRunState::Running);
     let exec_body = r#"{"argv":["echo","x"],"stdin":"eA=="}"#;
     let migrate_body = r#"{"to":"10.0.0.2:7000","downtime_ms":100}"#;
+    let copy_in = r#"{"host_path":"/h","guest_path":"/g"}"#;
+    let copy_out = r#"{"guest_path":"/g","host_path":"/h"}"#;
+    let missing = r#"{"guest_path":"/missing","host_path":"/h"}"#;
+    let freeze = r#"{"mount_points":["/data"],"timeout_secs":30}"#;
     // (method, path, body, VM state): each call's status must be in the spec for its route
     // and its body must fit the schema the spec gives for that status.
     let calls: &[(&str, &str, &str, VmRunState)] = &[
@@ -462,6 +501,19 @@ fn server_and_spec_agree() {
             VmRunState::Running,
         ),
         ("PUT", "/vm/snapshot", r#"{"dir":1}"#, VmRunState::Running),
+        ("PUT", "/vm/copy-in", copy_in, VmRunState::Running),
+        ("PUT", "/vm/copy-in", copy_in, VmRunState::Paused),
+        ("PUT", "/vm/copy-in", "{}", VmRunState::Running),
+        ("PUT", "/vm/copy-out", copy_out, VmRunState::Running),
+        ("PUT", "/vm/copy-out", missing, VmRunState::Running),
+        ("PUT", "/vm/copy-out", copy_out, VmRunState::Paused),
+        ("PUT", "/vm/copy-out", "[]", VmRunState::Running),
+        ("PUT", "/vm/fs/freeze", freeze, VmRunState::Running),
+        ("PUT", "/vm/fs/freeze", "", VmRunState::Running),
+        ("PUT", "/vm/fs/freeze", "{\"x\":1}", VmRunState::Running),
+        ("PUT", "/vm/fs/freeze", "", VmRunState::Paused),
+        ("PUT", "/vm/fs/thaw", "", VmRunState::Running),
+        ("PUT", "/vm/fs/thaw", "", VmRunState::Paused),
     ];
     for (method, path, body, state) in calls {
         *fake.state.lock().unwrap() = *state;
@@ -480,13 +532,17 @@ fn server_and_spec_agree() {
             }
         }
     }
-    let request: Value = serde_json::from_str(exec_body).unwrap();
-    spec.check("ExecRequest", &request);
-    let request: Value =
-        serde_json::from_str(r#"{"dir":"/c","incremental":true,"stop":true}"#).unwrap();
-    spec.check("SnapshotRequest", &request);
-    spec.check(
-        "MigrateRequest",
-        &serde_json::from_str(migrate_body).unwrap(),
-    );
+    for (schema, body) in [
+        ("ExecRequest", exec_body),
+        ("CopyInRequest", copy_in),
+        ("CopyOutRequest", copy_out),
+        ("FreezeRequest", freeze),
+        (
+            "SnapshotRequest",
+            r#"{"dir":"/c","incremental":true,"stop":true}"#,
+        ),
+        ("MigrateRequest", migrate_body),
+    ] {
+        spec.check(schema, &serde_json::from_str(body).unwrap());
+    }
 }

@@ -58,11 +58,15 @@ fn vm_config(args: &StartArgs) -> anyhow::Result<VmConfig> {
 /// `vhpc vm start`: state directory, detached VMM process, wait for the agent.
 pub fn start(args: StartArgs) -> anyhow::Result<i32> {
     let config = vm_config(&args)?;
+    if !(vhpc_api::DEFAULT_GUEST_CID..u64::from(u32::MAX)).contains(&args.cid) {
+        return Err(vhpc_api::VsockConfigError::Cid(args.cid).into());
+    }
     let runtime = Runtime::from_env();
     let (dir, lock) = runtime.create(&args.name)?;
     let spec = VmSpec {
         name: args.name.clone(),
         config,
+        guest_cid: args.cid,
     };
     std::fs::write(dir.config_json(), serde_json::to_vec_pretty(&spec)?)
         .with_context(|| format!("cannot write {}", dir.config_json().display()))?;
@@ -236,6 +240,9 @@ pub fn restore_named(
     let spec = VmSpec {
         name: name.to_owned(),
         config: saved.body.config.clone(),
+        // Not in the checkpoint's config: the restored vsock device keeps the CID its guest
+        // had (from its saved state), whatever this says.
+        guest_cid: vhpc_api::DEFAULT_GUEST_CID,
     };
     std::fs::write(dir.config_json(), serde_json::to_vec_pretty(&spec)?)
         .with_context(|| format!("cannot write {}", dir.config_json().display()))?;
@@ -380,7 +387,7 @@ fn get_info(dir: &VmDir, timeout: Duration) -> anyhow::Result<VmInfo> {
 }
 
 /// Turns a non-2xx API response into an error with the server's message.
-fn api_error(name: &str, status: u16, body: &[u8]) -> anyhow::Error {
+pub(super) fn api_error(name: &str, status: u16, body: &[u8]) -> anyhow::Error {
     match serde_json::from_slice::<ErrorBody>(body) {
         Ok(e) => anyhow::anyhow!("VM {name}: {}", e.error),
         Err(_) => anyhow::anyhow!("VM {name}: the API answered {status}"),

@@ -23,6 +23,9 @@ const CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
 const STREAM_TIMEOUT: Duration = Duration::from_secs(120);
 /// The label that carries the guest agent's version to the destination.
 pub const AGENT_VERSION_LABEL: &str = "agent_version";
+/// The label that carries the guest's vsock CID (for the destination's spec; the device itself
+/// takes the CID from its saved state).
+pub const GUEST_CID_LABEL: &str = "guest_cid";
 
 fn progress_event(p: &Progress) -> MigrateEvent {
     let phase = match p.phase {

@@ -1,14 +1,18 @@
-//! Long-running VMs: `vhpc vm start|list|pause|resume|stop|api` and `vhpc exec`.
+//! Long-running VMs: `vhpc vm start|list|pause|resume|stop|api|freeze|thaw`, `vhpc exec`
+//! and `vhpc cp`.
 //!
 //! Each VM is its own VMM process ([`vmm_process`]) with a state directory ([`state_dir`]),
 //! serving a REST/JSON API ([`api_server`] over [`http`]) on a Unix socket; it talks to the
 //! guest agent through the session protocol ([`agent_client`]). The commands here are clients
-//! of that API ([`commands`]).
+//! of that API ([`commands`], [`fs_commands`]); file copies and freezes go through the agent
+//! in [`agent_files`].
 
 pub mod agent_client;
+pub mod agent_files;
 pub mod agent_resume;
 pub mod api_server;
 pub mod commands;
+pub mod fs_commands;
 pub mod http;
 pub mod migrate_vm;
 pub mod state_dir;
@@ -40,6 +44,16 @@ pub enum VmCommand {
     Receive(ReceiveArgs),
     /// Call a VM's REST API: print the response body; exit 0 for a 2xx status, else 1.
     Api(ApiArgs),
+    /// Sync and freeze guest file systems (writes block until thaw, or until --timeout).
+    Freeze(fs_commands::FreezeArgs),
+    /// Thaw the file systems `vhpc vm freeze` froze.
+    Thaw { name: String },
+    /// Connect standard input and output to a guest's vsock port (through NAME/vsock.sock).
+    Connect {
+        name: String,
+        /// The guest's vsock port.
+        port: u32,
+    },
     /// The VMM process of one VM (started by `vhpc vm start`).
     #[command(hide = true)]
     Serve(ServeArgs),
@@ -78,6 +92,9 @@ pub struct StartArgs {
     /// MAC: derived from the VM's name and the interface's index.
     #[arg(long = "net", value_name = "tap=NAME|bridge=BR[,mac=MAC]")]
     pub nets: Vec<vhpc_api::NetConfig>,
+    /// The guest's vsock CID (its agent is reached over virtio-vsock).
+    #[arg(long, default_value_t = vhpc_api::DEFAULT_GUEST_CID)]
+    pub cid: u64,
     /// Seconds to wait for the guest agent to answer.
     #[arg(long, default_value_t = 120)]
     pub timeout: u64,
@@ -174,6 +191,9 @@ pub fn run(command: VmCommand) -> anyhow::Result<i32> {
         VmCommand::Stop { name, timeout } => commands::stop(&name, timeout),
         VmCommand::Api(args) => commands::api(args),
         VmCommand::Receive(args) => commands::receive(args),
+        VmCommand::Freeze(args) => fs_commands::freeze(args),
+        VmCommand::Thaw { name } => fs_commands::thaw(&name),
+        VmCommand::Connect { name, port } => fs_commands::connect(&name, port),
         VmCommand::Serve(args) => vmm_process::run(args),
     }
 }

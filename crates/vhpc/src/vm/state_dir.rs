@@ -35,7 +35,7 @@ pub enum StateError {
     )]
     BadName { name: String, reason: &'static str },
     #[error(
-        "the API socket path {path} is longer than {MAX_SOCKET_PATH} bytes; set VHPC_RUNTIME_DIR \
+        "the VM's socket path {path} is longer than {MAX_SOCKET_PATH} bytes; set VHPC_RUNTIME_DIR \
          to a shorter directory or use a shorter VM name"
     )]
     SocketPathTooLong { path: PathBuf },
@@ -131,7 +131,8 @@ impl Runtime {
             name: name.to_owned(),
             path: self.root.join(name),
         };
-        let sock = dir.api_sock();
+        // The longer of the VM's two sockets.
+        let sock = dir.vsock_sock();
         if sock.as_os_str().len() > MAX_SOCKET_PATH {
             return Err(StateError::SocketPathTooLong { path: sock });
         }
@@ -207,6 +208,10 @@ pub struct VmDir {
 impl VmDir {
     pub fn api_sock(&self) -> PathBuf {
         self.path.join("api.sock")
+    }
+    /// The host end of the VM's virtio-vsock device (`CONNECT <port>`).
+    pub fn vsock_sock(&self) -> PathBuf {
+        self.path.join("vsock.sock")
     }
     pub fn config_json(&self) -> PathBuf {
         self.path.join("config.json")

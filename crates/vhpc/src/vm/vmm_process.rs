@@ -14,9 +14,11 @@ use std::time::Duration;
 use anyhow::Context;
 use base64::Engine as _;
 use base64::engine::general_purpose::STANDARD as BASE64;
+use vhpc_api::VsockConfig;
 use vhpc_api::rest::{
-    ExecEvent, ExecRequest, Health, MigrateEvent, MigrateRequest, SnapshotRequest,
-    SnapshotResponse, VmInfo, VmRunState, VmSpec,
+    CopyInRequest, CopyOutRequest, CopyResult, ExecEvent, ExecRequest, FreezeRequest, FreezeResult,
+    Health, MigrateEvent, MigrateRequest, SnapshotRequest, SnapshotResponse, ThawResult, VmInfo,
+    VmRunState, VmSpec,
 };
 use vhpc_guest::protocol::session::{Request, Response};
 use vhpc_vmm::snapshot::{self, CheckpointKind, RestoreOptions, SnapshotError};
@@ -24,9 +26,10 @@ use vhpc_vmm::{Vm, VmIo, VmOutcome};
 
 use super::ServeArgs;
 use super::agent_client::{self, AgentClient, AgentError};
+use super::agent_files;
 use super::agent_resume;
 use super::api_server::{self, ApiError, Backend};
-use super::migrate_vm::{self, AGENT_VERSION_LABEL};
+use super::migrate_vm::{self, AGENT_VERSION_LABEL, GUEST_CID_LABEL};
 use super::state_dir::VmDir;
 
 /// How long a power-off may take before the VMM stops the VM itself.
@@ -55,36 +58,63 @@ pub fn run(args: ServeArgs) -> anyhow::Result<i32> {
     let console = File::create(dir.console_log())
         .with_context(|| format!("cannot create {}", dir.console_log().display()))?;
     let (agent, sink) = agent_client::channel_pair();
+    let agent = Arc::new(agent);
+    // The spec of a booted or restored VM is in its directory; a migrating VM's arrives with
+    // it. Its vsock CID only matters for a boot: a restored or arriving vsock device takes the
+    // CID its guest had from the saved device state.
+    let spec: Option<VmSpec> = match &args.incoming {
+        Some(_) => None,
+        None => {
+            let config = dir.config_json();
+            Some(
+                serde_json::from_slice(
+                    &std::fs::read(&config)
+                        .with_context(|| format!("cannot read {}", config.display()))?,
+                )
+                .with_context(|| format!("{} is not a valid VM spec", config.display()))?,
+            )
+        }
+    };
+    let vsock = VsockConfig {
+        guest_cid: spec
+            .as_ref()
+            .map_or(vhpc_api::DEFAULT_GUEST_CID, |s| s.guest_cid),
+        socket: dir.vsock_sock(),
+    };
     let io = VmIo {
         console: Box::new(console),
-        agent: Box::new(sink),
+        // The agent speaks over vsock; nothing is expected on COM2.
+        agent: Box::new(io::sink()),
         extra_initramfs: Vec::new(),
         timeout: None,
+        vsock: Some(vsock),
     };
-    let (spec, vm, resumed_agent) = match &args.incoming {
-        Some(listen) => {
+    let (spec, vm, resumed_agent) = match (spec, &args.incoming) {
+        (None, Some(listen)) => {
             let incoming = receive(&dir, listen, io, &args)?;
             let version = incoming
                 .labels
                 .iter()
                 .find(|(k, _)| k == AGENT_VERSION_LABEL)
                 .map(|(_, v)| v.clone());
+            let guest_cid = incoming
+                .labels
+                .iter()
+                .find(|(k, _)| k == GUEST_CID_LABEL)
+                .and_then(|(_, v)| v.parse().ok())
+                .unwrap_or(vhpc_api::DEFAULT_GUEST_CID);
             let spec = VmSpec {
                 name: dir.name.clone(),
                 config: incoming.vm.config().clone(),
+                guest_cid,
             };
             std::fs::write(dir.config_json(), serde_json::to_vec_pretty(&spec)?)
                 .with_context(|| format!("cannot write {}", dir.config_json().display()))?;
             // Already running: the source's guest goes on here.
             (spec, incoming.vm, version)
         }
-        None => {
-            let config = dir.config_json();
-            let spec: VmSpec = serde_json::from_slice(
-                &std::fs::read(&config)
-                    .with_context(|| format!("cannot read {}", config.display()))?,
-            )
-            .with_context(|| format!("{} is not a valid VM spec", config.display()))?;
+        (spec, _) => {
+            let spec = spec.context("no VM spec")?;
             let (mut vm, resumed_agent) = match &args.restore {
                 None => (Vm::boot(&spec.config, io)?, None),
                 Some(checkpoint) => restore(checkpoint, io, &args)?,
@@ -93,9 +123,11 @@ pub fn run(args: ServeArgs) -> anyhow::Result<i32> {
             (spec, vm, resumed_agent)
         }
     };
-    agent.set_input(vm.agent_input());
-    let agent = Arc::new(agent);
-    // A restored or migrated guest's agent announced itself before this process existed.
+    // The agent's session is a vsock connection, made afresh by this process in every case:
+    // a restored or migrated guest's old connection was reset by its vsock device.
+    agent
+        .connect_in_background(sink, dir.vsock_sock())
+        .context("cannot start the agent connection thread")?;
     if let Some(version) = resumed_agent {
         let agent = agent.clone();
         std::thread::spawn(move || {
@@ -210,7 +242,7 @@ struct VmBackend {
 fn agent_error(e: AgentError) -> ApiError {
     let status = match e {
         AgentError::NotReady | AgentError::Busy => 503,
-        AgentError::Invalid(_) => 400,
+        AgentError::Invalid(_) | AgentError::Local(_) => 400,
         AgentError::Broken(_) | AgentError::Timeout(_) | AgentError::Send(_) => 502,
     };
     ApiError::new(status, e.to_string())
@@ -428,6 +460,26 @@ impl Backend for VmBackend {
         }
     }
 
+    fn copy_in(&self, request: CopyInRequest) -> Result<CopyResult, ApiError> {
+        self.require_running()?;
+        agent_files::copy_in(&self.agent, &request, agent_error)
+    }
+
+    fn copy_out(&self, request: CopyOutRequest) -> Result<CopyResult, ApiError> {
+        self.require_running()?;
+        agent_files::copy_out(&self.agent, &request, agent_error)
+    }
+
+    fn freeze(&self, request: FreezeRequest) -> Result<FreezeResult, ApiError> {
+        self.require_running()?;
+        agent_files::freeze(&self.agent, &request, agent_error)
+    }
+
+    fn thaw(&self) -> Result<ThawResult, ApiError> {
+        self.require_running()?;
+        agent_files::thaw(&self.agent, agent_error)
+    }
+
     fn exec(
         &self,
         request: ExecRequest,
@@ -491,11 +543,10 @@ impl Backend for VmBackend {
                 ),
             ));
         };
-        let labels = self
-            .agent
-            .agent_version()
-            .map(|v| vec![(AGENT_VERSION_LABEL.to_string(), v)])
-            .unwrap_or_default();
+        let mut labels = vec![(GUEST_CID_LABEL.to_string(), self.spec.guest_cid.to_string())];
+        if let Some(v) = self.agent.agent_version() {
+            labels.push((AGENT_VERSION_LABEL.to_string(), v));
+        }
         let result = migrate_vm::migrate_out(&self.vm, &request, labels, event);
         if result.is_ok() {
             // The destination runs the VM; the outcome went out with the last event. The main
@@ -547,6 +598,8 @@ fn power_off(agent: Arc<AgentClient>, dir: VmDir) {
         log::info!("power-off: the agent answered {r:?}");
         false
     });
+    // The agent powers off once we close the session (or after a second).
+    agent.disconnect();
     if let Err(e) = result {
         log::warn!("power-off request failed: {e}; stopping the VM after the timeout");
     }

@@ -50,6 +50,7 @@ pub fn io() -> VmIo {
         agent: Box::new(std::io::sink()),
         extra_initramfs: Vec::new(),
         timeout: None,
+        vsock: None,
     }
 }
 

@@ -10,11 +10,9 @@
 //! - [`snapshot`] checkpoints on disk (full, incremental), lazy restore, merge, inspect;
 //! - [`migration`] live migration to another VMM process over a stream (pre-copy);
 //! - [`acpi`] the ACPI tables; [`console`] the console sink that watches for panics;
-//! - [`agent_input`] the host's way into the guest agent's channel (COM2 receive);
 //! - [`vm`] ties it together: config in, outcome out, and the [`Vm`] handle in between.
 
 pub mod acpi;
-pub mod agent_input;
 pub mod boot;
 pub mod console;
 pub mod cpuid;

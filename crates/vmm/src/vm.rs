@@ -20,7 +20,6 @@ use vhpc_devices::serial::{COM1_IRQ, COM1_PORT, COM2_IRQ, COM2_PORT, SERIAL_PORT
 use vhpc_devices::{acpi_pm, debug_exit, i8042, rtc};
 use vm_memory::{Bytes, GuestAddress, GuestMemoryBackend as _, GuestMemoryRegion as _};
 
-use crate::agent_input::AgentInput;
 use crate::boot::{self, BootEntry, GuestKind, guest_kind, loader, params, pvh};
 use crate::console::{ConsoleLog, ConsoleSink};
 use crate::device_state::{self, LegacyDevices};
@@ -152,8 +151,6 @@ pub struct Vm {
     events_tx: Sender<VmEvent>,
     events: Mutex<Receiver<VmEvent>>,
     log: ConsoleLog,
-    /// COM2, for [`Vm::agent_input`].
-    agent_port: Arc<Mutex<SerialPort>>,
     /// The port-I/O devices whose state is saved.
     legacy: LegacyDevices,
     paused: AtomicBool,
@@ -271,8 +268,6 @@ impl Vm {
         let log = ConsoleLog::default();
         let console = ConsoleSink::new(console, log.clone(), events_tx.clone());
         let (mut pio, legacy) = build_devices(&fd, Box::new(console), agent, &events_tx)?;
-        let agent_port = legacy.agent_port.clone();
-        let legacy = legacy.saved;
         let pci =
             crate::pci_devices::build(&fd, &mem, &config.disks, &config.nets, vsock, &mut pio)?;
         let bus = Arc::new(Buses { pio, pci });
@@ -286,7 +281,6 @@ impl Vm {
             events_tx,
             events: Mutex::new(events_rx),
             log,
-            agent_port,
             legacy,
             paused: AtomicBool::new(false),
             dirty_logging: AtomicBool::new(false),
@@ -348,11 +342,6 @@ impl Vm {
     /// Whether the VM is paused.
     pub fn is_paused(&self) -> bool {
         self.paused.load(Ordering::SeqCst)
-    }
-
-    /// A handle that writes to the guest agent's channel (COM2's receive side).
-    pub fn agent_input(&self) -> AgentInput {
-        AgentInput::new(self.agent_port.clone())
     }
 
     fn command_all(&self, command: VcpuCommand, state: VcpuRunState) -> Result<(), VmError> {
@@ -562,18 +551,12 @@ fn setup_irqchip(vm: &VmFd) -> Result<(), VmError> {
     vm.create_pit2(pit).map_err(kvm_err("KVM_CREATE_PIT2"))
 }
 
-/// The port-I/O devices as built: COM2 for the agent input, and every device with state.
-struct BuiltDevices {
-    agent_port: Arc<Mutex<SerialPort>>,
-    saved: LegacyDevices,
-}
-
 fn build_devices(
     vm: &VmFd,
     console: Box<dyn Write + Send>,
     agent: Box<dyn Write + Send>,
     events: &Sender<VmEvent>,
-) -> Result<(PioBus, BuiltDevices), VmError> {
+) -> Result<(PioBus, LegacyDevices), VmError> {
     let dev_err = |what| {
         move |e: &dyn std::fmt::Display| VmError::Device {
             what,
@@ -582,7 +565,6 @@ fn build_devices(
     };
     let power = Arc::new(PowerEvents(events.clone()));
     let mut bus = PioBus::default();
-    let mut agent_port = None;
     let mut saved = LegacyDevices::default();
     for (port, irq, out, what, name) in [
         (
@@ -606,12 +588,8 @@ fn build_devices(
         let serial = Arc::new(Mutex::new(serial));
         bus.insert(port, SERIAL_PORT_LEN, serial.clone())
             .map_err(|e| dev_err(what)(&e))?;
-        saved.0.push((name, serial.clone()));
-        if port == COM2_PORT {
-            agent_port = Some(serial);
-        }
+        saved.0.push((name, serial));
     }
-    let agent_port = agent_port.expect("COM2 is in the list above");
     let keyboard = i8042::I8042::new(power.clone()).map_err(|e| dev_err("i8042")(&e))?;
     let keyboard = Arc::new(Mutex::new(keyboard));
     bus.insert(i8042::I8042_PORT, i8042::I8042_LEN, keyboard.clone())
@@ -632,7 +610,7 @@ fn build_devices(
         Arc::new(Mutex::new(exit)),
     )
     .map_err(|e| dev_err("debug-exit port")(&e))?;
-    Ok((bus, BuiltDevices { agent_port, saved }))
+    Ok((bus, saved))
 }
 
 /// Loads kernel, initramfs, command line, ACPI tables and the boot protocol's structures

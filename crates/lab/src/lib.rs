@@ -13,7 +13,7 @@ pub mod network;
 mod qemu;
 
 pub use host_image::{HOST_MODULES, build_host_initramfs};
-pub use qemu::{LabHost, LabOutcome};
+pub use qemu::{LabHost, LabOutcome, LabRun};
 
 #[derive(Debug, thiserror::Error)]
 pub enum LabError {

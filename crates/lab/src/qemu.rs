@@ -37,6 +37,17 @@ pub enum LabOutcome {
     TimedOut,
 }
 
+/// How a lab run ended, with the end of host 1's console (kernel messages: a panic, the OOM
+/// killer) for when the command's status never came.
+#[derive(Debug)]
+pub struct LabRun {
+    pub outcome: LabOutcome,
+    pub console_tail: String,
+}
+
+/// How much of the console's end [`LabRun::console_tail`] keeps.
+const CONSOLE_TAIL_BYTES: u64 = 6 * 1024;
+
 const QEMU: &str = "qemu-system-x86_64";
 /// Console on ttyS0; a panic reboots, which -no-reboot turns into QEMU's exit.
 const HOST_CMDLINE: &str = "console=ttyS0 panic=-1 quiet";
@@ -85,7 +96,7 @@ impl LabHost {
         shell_command: &str,
         agent: &mut dyn Write,
         progress: &mut dyn FnMut(&str),
-    ) -> Result<LabOutcome, LabError> {
+    ) -> Result<LabRun, LabError> {
         if which(QEMU).is_none() {
             return Err(LabError::MissingTool(QEMU, "qemu-system-x86"));
         }
@@ -139,7 +150,10 @@ impl LabHost {
                 std::env::temp_dir().join("vhpc-lab-console.log"),
             );
         }
-        Ok(outcome)
+        Ok(LabRun {
+            outcome,
+            console_tail: file_tail(&console_log, CONSOLE_TAIL_BYTES),
+        })
     }
 
     /// Boots hosts 2..N of a multi-host lab: each configures its network and serves commands.
@@ -306,6 +320,23 @@ impl Drop for Others {
 fn drive_arg(image: &Path) -> String {
     let path = image.to_string_lossy().replace(',', ",,");
     format!("file={path},format=raw,if=virtio,snapshot=on")
+}
+
+/// The last `bytes` of the file at `path`, lossily decoded (empty if it cannot be read).
+fn file_tail(path: &Path, bytes: u64) -> String {
+    use std::io::{Seek, SeekFrom};
+    let Ok(mut file) = std::fs::File::open(path) else {
+        return String::new();
+    };
+    let len = file.metadata().map_or(0, |m| m.len());
+    let mut tail = Vec::new();
+    if file
+        .seek(SeekFrom::Start(len.saturating_sub(bytes)))
+        .is_ok()
+    {
+        let _ = file.read_to_end(&mut tail);
+    }
+    String::from_utf8_lossy(&tail).into_owned()
 }
 
 /// Copies console bytes past `from` to stderr; returns the new position.

@@ -32,25 +32,31 @@ pub fn run(cmd: LabCommand) -> anyhow::Result<i32> {
     let report = AgentReport::default();
     let mut relay = AgentRelay::new(report.clone());
     let shell_command = args.command.join(" ");
-    let outcome = host.run(
+    let run = host.run(
         &Cache::from_env(),
         &me,
         &shell_command,
         &mut relay,
         &mut |l| eprintln!("vhpc lab: {l}"),
     )?;
-    Ok(match outcome {
+    Ok(match run.outcome {
         LabOutcome::Exited => match report.exit_status() {
             Some(status) => status,
             None => {
                 eprintln!(
-                    "vhpc lab: the emulated host stopped without reporting the command's status"
+                    "vhpc lab: the emulated host stopped without reporting the command's status; \
+                     the end of its console:\n{}",
+                    run.console_tail
                 );
                 exit_codes::VHPC_ERROR
             }
         },
         LabOutcome::TimedOut => {
-            eprintln!("vhpc lab: the emulated host ran past --timeout and was stopped");
+            eprintln!(
+                "vhpc lab: the emulated host ran past --timeout and was stopped; the end of its \
+                 console:\n{}",
+                run.console_tail
+            );
             exit_codes::TIMED_OUT
         }
     })

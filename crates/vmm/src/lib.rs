@@ -25,6 +25,7 @@ pub mod migration;
 pub mod net_backend;
 pub mod pci_devices;
 pub mod snapshot;
+pub mod sparse;
 pub mod vcpu;
 pub mod vcpu_setup;
 pub mod vcpu_state;

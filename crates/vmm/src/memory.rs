@@ -86,7 +86,7 @@ fn map_region(
     if config.hugepages && config.prefault {
         // MAP_POPULATE on MAP_NORESERVE hugetlb memory can silently leave pages unbacked; the
         // guest would then die with SIGBUS later. Fail now, with a clear message, instead.
-        check_hugepages_backed(&region, len).map_err(|source| MemoryError::Map {
+        populate_write(&region, len).map_err(|source| MemoryError::Map {
             mib: len >> 20,
             hint,
             source,
@@ -104,9 +104,19 @@ pub struct FileRegion {
     pub file_offset: u64,
 }
 
+/// Holes of a checkpoint's memory file shorter than this stay file-backed: each remapped hole
+/// is one more mapping (the kernel allows ~65 000 per process), and a short hole costs little.
+const MIN_ANONYMOUS_HOLE: u64 = 64 << 10;
+
+/// At most this many holes per region are remapped anonymously; the rest stay file-backed.
+const MAX_ANONYMOUS_HOLES: usize = 8192;
+
 /// Maps guest RAM lazily from `file`: a private (copy-on-write) mapping per region, so nothing
 /// is read until the guest (or the VMM) touches a page and the guest's writes never reach the
-/// file. The cost does not grow with the memory size. With `prefault` every page is read now.
+/// file. The cost does not grow with the memory size. The file's holes (pages that were zero)
+/// are mapped as anonymous memory instead: touching one must not allocate it in the file,
+/// which a read fault does when the checkpoint lies on tmpfs (it would grow to the full guest
+/// size). With `prefault` every page is faulted in (and copied) now.
 pub fn map_file(
     file: &Arc<File>,
     regions: &[FileRegion],
@@ -114,20 +124,21 @@ pub fn map_file(
 ) -> Result<GuestMemory, MemoryError> {
     let mut mapped = Vec::with_capacity(regions.len());
     for r in regions {
-        let mut flags = libc::MAP_PRIVATE | libc::MAP_NORESERVE;
-        if prefault {
-            flags |= libc::MAP_POPULATE;
-        }
+        let map_err = |source| MemoryError::Map {
+            mib: r.len >> 20,
+            hint: " from the checkpoint's memory file",
+            source,
+        };
         let region = MmapRegionBuilder::new_with_bitmap(r.len as usize, bitmap(r.len))
             .with_file_offset(FileOffset::from_arc(file.clone(), r.file_offset))
             .with_mmap_prot(libc::PROT_READ | libc::PROT_WRITE)
-            .with_mmap_flags(flags)
+            .with_mmap_flags(libc::MAP_PRIVATE | libc::MAP_NORESERVE)
             .build()
-            .map_err(|e| MemoryError::Map {
-                mib: r.len >> 20,
-                hint: " from the checkpoint's memory file",
-                source: std::io::Error::other(e.to_string()),
-            })?;
+            .map_err(|e| map_err(std::io::Error::other(e.to_string())))?;
+        map_holes_anonymously(&region, file, r).map_err(map_err)?;
+        if prefault {
+            populate_write(&region, r.len).map_err(map_err)?;
+        }
         let start = r.guest_addr;
         mapped.push(
             GuestRegionMmap::new(region, GuestAddress(start))
@@ -137,7 +148,44 @@ pub fn map_file(
     GuestMemoryMmap::from_regions(mapped).map_err(|e| MemoryError::Register(e.to_string()))
 }
 
-fn check_hugepages_backed(
+/// Replaces the parts of `region` that lie over holes of `file` with anonymous zero memory.
+fn map_holes_anonymously(
+    region: &vm_memory::mmap::MmapRegion<AtomicBitmap>,
+    file: &File,
+    r: &FileRegion,
+) -> std::io::Result<()> {
+    let holes = crate::sparse::holes(
+        file,
+        r.file_offset,
+        r.len,
+        PAGE_SIZE.get() as u64,
+        MIN_ANONYMOUS_HOLE,
+    );
+    for &(offset, len) in holes.iter().take(MAX_ANONYMOUS_HOLES) {
+        // SAFETY: [offset, offset + len) lies inside the mapping `region` owns (holes() only
+        // returns ranges within the region's length, page-aligned), which was just created and
+        // is not shared with anything yet. MAP_FIXED replaces those pages with anonymous ones
+        // that read as zero, as the file's hole did, so the guest sees the same contents;
+        // `region` still unmaps its whole range when dropped.
+        let ret = unsafe {
+            libc::mmap(
+                region.as_ptr().add(offset as usize).cast(),
+                len as usize,
+                libc::PROT_READ | libc::PROT_WRITE,
+                libc::MAP_PRIVATE | libc::MAP_ANONYMOUS | libc::MAP_FIXED | libc::MAP_NORESERVE,
+                -1,
+                0,
+            )
+        };
+        if ret == libc::MAP_FAILED {
+            return Err(std::io::Error::last_os_error());
+        }
+    }
+    Ok(())
+}
+
+/// Faults every page of `region` in for writing now (a private file page is copied).
+fn populate_write(
     region: &vm_memory::mmap::MmapRegion<AtomicBitmap>,
     len: u64,
 ) -> Result<(), std::io::Error> {
@@ -199,6 +247,59 @@ mod tests {
         assert_eq!(mem.num_regions(), 2);
         assert!(mem.address_in_range(GuestAddress(0x1_0000_0000)));
         assert!(!mem.address_in_range(GuestAddress(layout::MMIO_HOLE_START)));
+    }
+
+    /// A checkpoint-like memory file on tmpfs (a memfd): 4 MiB with two data pages.
+    fn sparse_memfd() -> Arc<File> {
+        use std::os::unix::fs::FileExt;
+        // SAFETY: memfd_create with a NUL-terminated name; the fd is owned right away.
+        let fd = unsafe { libc::memfd_create(c"vhpc-memory-test".as_ptr(), 0) };
+        assert!(fd >= 0, "memfd_create: {}", std::io::Error::last_os_error());
+        // SAFETY: fd was just returned to us and nothing else owns it.
+        let file = unsafe { <File as std::os::fd::FromRawFd>::from_raw_fd(fd) };
+        file.set_len(4 << 20).expect("size");
+        file.write_all_at(&[0xaa; 4096], 0x10_0000).expect("write");
+        file.write_all_at(&[0xbb; 4096], 0x20_0000).expect("write");
+        Arc::new(file)
+    }
+
+    fn allocated_bytes(file: &File) -> u64 {
+        use std::os::unix::fs::MetadataExt;
+        file.metadata().expect("stat").blocks() * 512
+    }
+
+    #[test]
+    fn a_mapped_checkpoint_reads_right_and_its_holes_stay_holes() {
+        for prefault in [false, true] {
+            let file = sparse_memfd();
+            let regions = [FileRegion {
+                guest_addr: 0,
+                len: 4 << 20,
+                file_offset: 0,
+            }];
+            let mem = map_file(&file, &regions, prefault).expect("map");
+            let mut all = vec![0u8; 4 << 20];
+            mem.read_slice(&mut all, GuestAddress(0)).expect("read");
+            for (page, bytes) in all.chunks(4096).enumerate() {
+                let want = match page {
+                    0x100 => 0xaa,
+                    0x200 => 0xbb,
+                    _ => 0,
+                };
+                assert!(bytes.iter().all(|&b| b == want), "page {page}");
+            }
+            mem.write_obj(7u64, GuestAddress(0x30_0000)).expect("write");
+            mem.write_obj(9u64, GuestAddress(0x10_0000)).expect("write");
+            assert_eq!(
+                allocated_bytes(&file),
+                2 * 4096,
+                "reading and writing guest memory allocated nothing in the file \
+                 (prefault {prefault})"
+            );
+            let mut first = [0u8; 8];
+            std::os::unix::fs::FileExt::read_exact_at(&*file, &mut first, 0x10_0000).expect("read");
+            assert_eq!(first, [0xaa; 8], "the guest's write stayed private");
+        }
     }
 
     #[test]

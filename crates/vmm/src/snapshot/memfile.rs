@@ -14,6 +14,7 @@ use vm_memory::{Bytes, GuestAddress, GuestMemoryBackend as _, GuestMemoryRegion 
 
 use super::format::RegionRecord;
 use crate::memory::GuestMemory;
+use crate::sparse::data_extents;
 
 pub const PAGE: u64 = 4096;
 pub const FULL_FILE: &str = "memory.raw";
@@ -212,32 +213,6 @@ pub fn apply_delta(
         ));
     }
     Ok(copied)
-}
-
-/// Data extents of a sparse file, from SEEK_DATA/SEEK_HOLE; the whole file where those are
-/// not supported.
-fn data_extents(file: &File, len: u64) -> Vec<(u64, u64)> {
-    use std::os::fd::AsRawFd;
-    let fd = file.as_raw_fd();
-    let mut out = Vec::new();
-    let mut pos = 0i64;
-    while (pos as u64) < len {
-        // SAFETY: lseek on an fd this function borrows; it only moves the file offset.
-        let data = unsafe { libc::lseek(fd, pos, libc::SEEK_DATA) };
-        if data < 0 {
-            let errno = std::io::Error::last_os_error().raw_os_error();
-            if errno == Some(libc::ENXIO) {
-                break; // No data after pos.
-            }
-            return vec![(0, len)];
-        }
-        // SAFETY: as above.
-        let hole = unsafe { libc::lseek(fd, data, libc::SEEK_HOLE) };
-        let end = if hole < 0 { len as i64 } else { hole };
-        out.push((data as u64, (end - data) as u64));
-        pos = end;
-    }
-    out
 }
 
 /// Recomputes a full image's CRC the way [`write_full`] did (reading only its data extents);

@@ -26,13 +26,7 @@ cargo test --locked --workspace
 if [ "$lab" = 1 ]; then
     step "lab tests (nested KVM in emulated hosts; minutes)"
     # They boot real guests: one at a time per core is what two cores allow.
-    # data_a_guest_synced_survives_killing_the_vmm failed once in three full runs (the VMM
-    # ended with status 0 before the guest printed its marker): it is left out of CI until
-    # that is understood, and says so here. Run it by hand:
-    #   cargo test -p vhpc --test lab -- --ignored data_a_guest_synced_survives_killing_the_vmm
-    echo "LAB TEST NOT RUN (flaky, under investigation): data_a_guest_synced_survives_killing_the_vmm" >&2
-    VHPC_BIN="$PWD/target/vhpc" cargo test --locked -p vhpc --test lab -- --ignored --test-threads=2 \
-        --skip data_a_guest_synced_survives_killing_the_vmm
+    VHPC_BIN="$PWD/target/vhpc" cargo test --locked -p vhpc --test lab -- --ignored --test-threads=2
 else
     echo "LAB TESTS NOT RUN (--no-lab): nothing guest-visible was tested" >&2
 fi

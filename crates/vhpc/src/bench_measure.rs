@@ -47,6 +47,18 @@ pub fn write_initramfs_with_command(
     std::fs::write(path, &initramfs).with_context(|| format!("cannot write {}", path.display()))
 }
 
+/// Runs a host command of a benchmark's network set-up (busybox ip/brctl/tunctl in the lab).
+pub fn host_sh(cmd: &str) -> anyhow::Result<()> {
+    let st = std::process::Command::new("/bin/sh")
+        .args(["-c", cmd])
+        .status()
+        .with_context(|| format!("cannot run {cmd}"))?;
+    if !st.success() {
+        anyhow::bail!("`{cmd}` failed ({st})");
+    }
+    Ok(())
+}
+
 /// What a reaped process used.
 #[derive(Clone, Copy, Debug)]
 pub struct Usage {

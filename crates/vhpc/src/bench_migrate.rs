@@ -3,20 +3,29 @@
 //! tcp:` + `migrate -d tcp:`), same kernel, initramfs, memory and downtime target, with the
 //! guest idle and with the guest rewriting a tmpfs file over and over; interleaved runs.
 //! Both VMMs report their own total time and downtime (from the source's stop to the
-//! destination running). Run it as `vhpc lab run --with-qemu --memory 3072 -- vhpc bench
-//! migrate`.
+//! destination running). The guest's own view of the pause is measured from outside: the
+//! guest runs `vhpc guest-ticker`, which sends a numbered UDP datagram every 20 ms over its
+//! virtio-net NIC (on a bridge) to this process, which timestamps their arrival; the longest
+//! gap between two arrivals around the migration is the downtime the guest's work saw (the
+//! guest's clock cannot show it: its kvmclock is restored from the source's). The longest gap
+//! in the seconds before the migration is reported too, as the ticker's baseline jitter.
+//! Run it as `vhpc lab run --with-qemu --memory 3072 -- vhpc bench migrate`.
 
 use std::io::BufRead;
+use std::net::UdpSocket;
 use std::path::{Path, PathBuf};
 use std::process::Command;
-use std::time::Duration;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
+use std::thread::JoinHandle;
+use std::time::{Duration, Instant};
 
 use anyhow::{Context, bail};
 use vhpc_api::rest::{MigrateDone, MigrateEvent, MigrateRequest};
 use vhpc_image::cache::Cache;
 
-use crate::bench_measure::{stats, write_initramfs_with_command};
-use crate::bench_qemu::Qemu;
+use crate::bench_measure::{host_sh, stats, write_initramfs_with_command};
+use crate::bench_qemu::{LinuxGuest, Qemu};
 use crate::cli::BenchMigrateArgs;
 use crate::run_cmd::default_cmdline;
 use crate::vm::http;
@@ -25,6 +34,22 @@ use crate::vm::state_dir::Runtime;
 const QEMU: &str = "qemu-system-x86_64";
 const BOOT_WAIT: Duration = Duration::from_secs(300);
 const MIGRATE_WAIT: Duration = Duration::from_secs(600);
+
+/// The bridge the guests' NICs are on, and the addresses on it.
+const BRIDGE: &str = "vhpcmig0";
+const BRIDGE_MAC: &str = "02:77:00:00:00:01";
+const HOST_IP: &str = "10.77.0.1";
+const GUEST_IP: &str = "10.77.0.2";
+/// The QEMU guests' TAPs on the bridge (source and destination) and their MAC.
+const QEMU_TAPS: [&str; 2] = ["vbmsrc", "vbmdst"];
+const QEMU_MAC: &str = "52:54:00:77:01:02";
+/// Where the guest's ticks go, and their interval.
+const TICK_PORT: u16 = 5555;
+const TICK_MS: u64 = 20;
+/// How long the ticks are watched before the migration (the baseline) and after it.
+const WATCH: Duration = Duration::from_secs(3);
+/// How long to wait for the first tick after the guest started its ticker.
+const FIRST_TICK_WAIT: Duration = Duration::from_secs(120);
 
 /// The guest's work while it migrates.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -41,6 +66,16 @@ impl Load {
             Load::Dirtying(mib) => format!("rewriting {mib} MiB"),
         }
     }
+    /// The guest's script: its NIC up, the ticker in the background, then the load in the
+    /// foreground (until the VM ends).
+    fn script(self) -> String {
+        format!(
+            "ip addr add {GUEST_IP}/24 dev eth0 && ip link set eth0 up; \
+             /init guest-ticker --to {HOST_IP}:{TICK_PORT} --interval-ms {TICK_MS} \
+             > /dev/null 2>&1 & {}",
+            self.command()
+        )
+    }
     /// The guest shell command that makes the load (runs until the VM ends).
     fn command(self) -> String {
         match self {
@@ -56,6 +91,117 @@ impl Load {
 struct Sample {
     total_ms: f64,
     downtime_ms: f64,
+    /// The longest gap between two of the guest's ticks around the migration.
+    guest_gap_ms: f64,
+    /// The longest gap in the seconds before the migration (no pause): the ticker's jitter.
+    baseline_gap_ms: f64,
+}
+
+/// Arrival times at the host of the guest's ticks (`vhpc guest-ticker`), from a thread.
+struct TickWatch {
+    arrivals: Arc<Mutex<Vec<Instant>>>,
+    stop: Arc<AtomicBool>,
+    thread: Option<JoinHandle<()>>,
+}
+
+impl TickWatch {
+    fn start() -> anyhow::Result<TickWatch> {
+        let socket = UdpSocket::bind((HOST_IP, TICK_PORT))
+            .with_context(|| format!("cannot listen for ticks on {HOST_IP}:{TICK_PORT}"))?;
+        socket.set_read_timeout(Some(Duration::from_millis(100)))?;
+        let arrivals = Arc::new(Mutex::new(Vec::new()));
+        let stop = Arc::new(AtomicBool::new(false));
+        let thread = {
+            let (arrivals, stop) = (arrivals.clone(), stop.clone());
+            std::thread::spawn(move || {
+                let mut buf = [0u8; 64];
+                while !stop.load(Ordering::Relaxed) {
+                    if let Ok(n) = socket.recv(&mut buf)
+                        && crate::guest_ticker::parse_tick(&buf[..n]).is_some()
+                    {
+                        let now = Instant::now();
+                        arrivals.lock().unwrap_or_else(|e| e.into_inner()).push(now);
+                    }
+                }
+            })
+        };
+        Ok(TickWatch {
+            arrivals,
+            stop,
+            thread: Some(thread),
+        })
+    }
+
+    fn arrivals(&self) -> Vec<Instant> {
+        self.arrivals
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .clone()
+    }
+
+    fn wait_first(&self) -> anyhow::Result<()> {
+        let start = Instant::now();
+        while self.arrivals().is_empty() {
+            if start.elapsed() > FIRST_TICK_WAIT {
+                bail!(
+                    "no tick from the guest reached {HOST_IP}:{TICK_PORT} within {FIRST_TICK_WAIT:?} \
+                     (is its NIC up on {BRIDGE}?)"
+                );
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        Ok(())
+    }
+
+    /// Watches the ticks for [`WATCH`], runs `migrate`, watches for [`WATCH`] again; returns
+    /// what `migrate` returned (total, downtime) with the longest tick gaps before and around.
+    fn around(
+        &self,
+        migrate: impl FnOnce() -> anyhow::Result<(f64, f64)>,
+    ) -> anyhow::Result<Sample> {
+        let before = Instant::now();
+        std::thread::sleep(WATCH);
+        let start = Instant::now();
+        let (total_ms, downtime_ms) = migrate()?;
+        let done = Instant::now();
+        std::thread::sleep(WATCH);
+        let end = Instant::now();
+        let ms = |t: Instant| t.duration_since(before).as_secs_f64() * 1000.0;
+        let arrivals: Vec<f64> = self
+            .arrivals()
+            .into_iter()
+            .filter(|&t| t >= before)
+            .map(ms)
+            .collect();
+        if !arrivals.iter().any(|&t| t > ms(done)) {
+            bail!("the guest's ticks did not come back after the migration");
+        }
+        let gap = |from: Instant, to: Instant| longest_gap(&arrivals, ms(from), ms(to));
+        Ok(Sample {
+            total_ms,
+            downtime_ms,
+            guest_gap_ms: gap(start, end).context("no ticks around the migration")?,
+            baseline_gap_ms: gap(before, start).context("no ticks before the migration")?,
+        })
+    }
+}
+
+impl Drop for TickWatch {
+    fn drop(&mut self) {
+        self.stop.store(true, Ordering::Relaxed);
+        if let Some(t) = self.thread.take() {
+            let _ = t.join();
+        }
+    }
+}
+
+/// The longest gap between consecutive `times` (sorted, ms) that overlaps `[from, to]`.
+fn longest_gap(times: &[f64], from: f64, to: f64) -> Option<f64> {
+    times
+        .windows(2)
+        .filter(|w| w[1] >= from && w[0] <= to)
+        .map(|w| w[1] - w[0])
+        .reduce(f64::max)
 }
 
 fn vhpc(args: &[&str]) -> anyhow::Result<()> {
@@ -77,17 +223,26 @@ fn vhpc(args: &[&str]) -> anyhow::Result<()> {
 /// One vhpc migration of a fresh VM under `load`.
 fn vhpc_once(args: &BenchMigrateArgs, load: Load, port: u16) -> anyhow::Result<Sample> {
     let memory = args.memory.to_string();
-    vhpc(&["vm", "start", "bench-src", "--memory", &memory])?;
+    let watch = TickWatch::start()?;
+    let net = format!("bridge={BRIDGE}");
+    vhpc(&[
+        "vm",
+        "start",
+        "bench-src",
+        "--memory",
+        &memory,
+        "--net",
+        &net,
+    ])?;
     let result = (|| {
-        let background = format!("{} > /dev/null 2>&1 &", load.command());
+        let background = format!("({}) > /dev/null 2>&1 &", load.script());
         vhpc(&["exec", "bench-src", "--", "sh", "-c", &background])?;
-        std::thread::sleep(Duration::from_secs(2));
+        watch.wait_first()?;
         let listen = format!("127.0.0.1:{port}");
         vhpc(&["vm", "receive", "bench-dst", "--listen", &listen])?;
-        let done = migrate_api("bench-src", &listen, args.downtime_ms)?;
-        Ok(Sample {
-            total_ms: done.total_ms,
-            downtime_ms: done.downtime_ms,
+        watch.around(|| {
+            let done = migrate_api("bench-src", &listen, args.downtime_ms)?;
+            Ok((done.total_ms, done.downtime_ms))
         })
     })();
     let _ = vhpc(&["vm", "stop", "bench-src", "--timeout", "5"]);
@@ -132,7 +287,7 @@ fn qemu_guest(loads: &[Load], dir: &Path) -> anyhow::Result<QemuGuest> {
     let cache = Cache::from_env();
     let mut initramfs = Vec::new();
     for (i, &load) in loads.iter().enumerate() {
-        let argv = ["sh".to_string(), "-c".to_string(), load.command()];
+        let argv = ["sh".to_string(), "-c".to_string(), load.script()];
         let path = dir.join(format!("bench-migrate-{i}.cpio"));
         write_initramfs_with_command(&cache, &argv, &path)?;
         initramfs.push((load, path));
@@ -158,25 +313,22 @@ fn qemu_once(
         .map(|(_, p)| p.clone())
         .context("no initramfs for this load")?;
     let cmdline = default_cmdline(true);
-    let mut src = Qemu::boot_linux(&guest.kernel, &initramfs, &cmdline, args.memory, dir, None)?;
-    let dst = Qemu::boot_linux(
-        &guest.kernel,
-        &initramfs,
-        &cmdline,
-        args.memory,
-        dir,
-        Some(port),
-    );
+    let linux = |tap| LinuxGuest {
+        kernel: &guest.kernel,
+        initramfs: &initramfs,
+        cmdline: &cmdline,
+        memory_mib: args.memory,
+        nic: Some((tap, QEMU_MAC)),
+    };
+    let watch = TickWatch::start()?;
+    let mut src = Qemu::boot_linux(&linux(QEMU_TAPS[0]), dir, None)?;
+    let dst = Qemu::boot_linux(&linux(QEMU_TAPS[1]), dir, Some(port));
     let result = (|| {
         let dst = dst?;
         let sample = (|| {
             src.wait_console("Run /init as init process", BOOT_WAIT)?;
-            std::thread::sleep(Duration::from_secs(4));
-            let (total_ms, downtime_ms) = src.migrate_tcp(port, args.downtime_ms, MIGRATE_WAIT)?;
-            Ok(Sample {
-                total_ms,
-                downtime_ms,
-            })
+            watch.wait_first()?;
+            watch.around(|| src.migrate_tcp(port, args.downtime_ms, MIGRATE_WAIT))
         })();
         dst.quit();
         sample
@@ -194,6 +346,8 @@ pub fn run(args: BenchMigrateArgs) -> anyhow::Result<i32> {
     let dir = std::env::temp_dir();
     let loads = [Load::Idle, Load::Dirtying(args.dirty_mib)];
     let guest = qemu_guest(&loads, &dir)?;
+    host_sh(&network_setup())?;
+    let _network = Teardown;
     let mut samples: Vec<(bool, Load, Sample)> = Vec::new();
     let mut failures = 0;
     let mut port = 7100;
@@ -210,11 +364,13 @@ pub fn run(args: BenchMigrateArgs) -> anyhow::Result<i32> {
                 match result {
                     Ok(s) => {
                         eprintln!(
-                            "vhpc bench migrate: round {round}/{}: {who:<9} {:<16} total {:>8.0} ms, downtime {:>7.1} ms",
+                            "vhpc bench migrate: round {round}/{}: {who:<9} {:<16} total {:>8.0} ms, downtime {:>7.1} ms, guest-seen gap {:>7.1} ms (before: {:.1} ms)",
                             args.runs,
                             load.name(),
                             s.total_ms,
-                            s.downtime_ms
+                            s.downtime_ms,
+                            s.guest_gap_ms,
+                            s.baseline_gap_ms
                         );
                         samples.push((is_vhpc, load, s));
                     }
@@ -235,6 +391,38 @@ pub fn run(args: BenchMigrateArgs) -> anyhow::Result<i32> {
     }
     print_table(&samples, &loads, &args);
     Ok(if failures == 0 { 0 } else { 1 })
+}
+
+/// The bridge with the host's address, and the QEMU guests' TAPs on it (vhpc makes its own).
+/// The bridge gets a fixed MAC: by default a Linux bridge takes the lowest MAC of its ports,
+/// which changes when a migration replaces the source's TAP with the destination's, and the
+/// guest's ARP entry for the host would then point at a MAC nobody has (its ticks would stop
+/// reaching this process until the host next spoke to it).
+fn network_setup() -> String {
+    let mut cmd = format!(
+        "brctl addbr {BRIDGE} && ip link set {BRIDGE} address {BRIDGE_MAC} \
+         && ip addr add {HOST_IP}/24 dev {BRIDGE} && ip link set {BRIDGE} up"
+    );
+    for tap in QEMU_TAPS {
+        cmd += &format!(
+            " && tunctl -t {tap} > /dev/null && brctl addif {BRIDGE} {tap} && ip link set {tap} up"
+        );
+    }
+    cmd
+}
+
+/// Removes what [`network_setup`] made, when dropped.
+struct Teardown;
+
+impl Drop for Teardown {
+    fn drop(&mut self) {
+        for tap in QEMU_TAPS {
+            let _ = host_sh(&format!("tunctl -d {tap} > /dev/null"));
+        }
+        let _ = host_sh(&format!(
+            "ip link set {BRIDGE} down && brctl delbr {BRIDGE}"
+        ));
+    }
 }
 
 fn print_table(samples: &[(bool, Load, Sample)], loads: &[Load], args: &BenchMigrateArgs) {
@@ -270,11 +458,48 @@ fn print_table(samples: &[(bool, Load, Sample)], loads: &[Load], args: &BenchMig
             vd / qd
         );
     }
+    println!(
+        "\nthe longest gap between the guest's {TICK_MS} ms ticks as the host received them: \
+         around the migration, and in the {} s before it\n",
+        WATCH.as_secs()
+    );
+    println!(
+        "| guest | vhpc guest-seen (ms) | QEMU guest-seen (ms) | vhpc / QEMU | before: vhpc / QEMU (ms) |"
+    );
+    println!("|---|---|---|---|---|");
+    for &load in loads {
+        let (vg, qg) = (
+            median(true, load, |s| s.guest_gap_ms),
+            median(false, load, |s| s.guest_gap_ms),
+        );
+        let (vb, qb) = (
+            median(true, load, |s| s.baseline_gap_ms),
+            median(false, load, |s| s.baseline_gap_ms),
+        );
+        println!(
+            "| {} | {vg:.0} | {qg:.0} | {:.2}× | {vb:.0} / {qb:.0} |",
+            load.name(),
+            vg / qg
+        );
+    }
 }
 
 #[cfg(test)]
 mod tests {
+    use super::longest_gap;
     use crate::bench_qemu::migrate_ms;
+
+    #[test]
+    fn the_longest_tick_gap_is_the_one_overlapping_the_window() {
+        let ticks = [0.0, 20.0, 40.0, 60.0, 400.0, 420.0, 440.0, 900.0];
+        // The 340 ms pause overlaps [50, 450]; the 460 ms gap after 440 starts after it.
+        assert_eq!(longest_gap(&ticks, 50.0, 430.0), Some(340.0));
+        // A window inside one gap still sees that gap.
+        assert_eq!(longest_gap(&ticks, 100.0, 200.0), Some(340.0));
+        assert_eq!(longest_gap(&ticks, 0.0, 45.0), Some(20.0));
+        assert_eq!(longest_gap(&ticks, 0.0, 1000.0), Some(460.0));
+        assert_eq!(longest_gap(&[5.0], 0.0, 10.0), None);
+    }
 
     #[test]
     fn qemu_migration_times_are_read_in_both_formats() {

@@ -16,7 +16,8 @@ use std::time::{Duration, Instant};
 use anyhow::{Context, bail};
 use vhpc_image::cache::Cache;
 
-use crate::bench_measure::stats;
+use crate::bench_measure::{host_sh, stats};
+use crate::bench_qemu::tap_nic_args;
 use crate::cli::BenchNetArgs;
 use crate::run_cmd::default_cmdline;
 
@@ -98,18 +99,6 @@ fn initramfs_with(script: &str, path: &Path) -> anyhow::Result<()> {
     std::fs::write(path, bytes).with_context(|| format!("cannot write {}", path.display()))
 }
 
-/// Runs a host command of the bench's network set-up (busybox ip/brctl/tunctl in the lab).
-fn sh(cmd: &str) -> anyhow::Result<()> {
-    let st = Command::new("/bin/sh")
-        .args(["-c", cmd])
-        .status()
-        .with_context(|| format!("cannot run {cmd}"))?;
-    if !st.success() {
-        bail!("`{cmd}` failed ({st})");
-    }
-    Ok(())
-}
-
 struct Files {
     dir: PathBuf,
     server_script: String,
@@ -142,11 +131,6 @@ fn spawn(c: Contender, role: &str, f: &Files, memory: u64) -> anyhow::Result<Chi
             .args(["--", "sh", "-c", script]);
     } else {
         let tap = format!("vbq{role}");
-        let vnet = if c == Contender::Qemu {
-            ""
-        } else {
-            ",vnet_hdr=off"
-        };
         cmd = Command::new(QEMU);
         cmd.args([
             "-accel", "kvm", "-cpu", "host", "-M", "q35", "-smp", "1", "-m",
@@ -161,14 +145,7 @@ fn spawn(c: Contender, role: &str, f: &Files, memory: u64) -> anyhow::Result<Chi
         .arg("-serial")
         .arg(format!("file:{}", console.display()))
         .args(["-serial", "null"])
-        .args([
-            "-netdev",
-            &format!("tap,id=n0,ifname={tap},script=no,downscript=no{vnet}"),
-            "-device",
-            // No option ROM: nothing network-boots, and Debian keeps efi-virtio.rom in
-            // another package (ipxe-qemu) that the lab does not copy.
-            &format!("virtio-net-pci,netdev=n0,mac={mac},romfile="),
-        ]);
+        .args(tap_nic_args(&tap, mac, c == Contender::Qemu));
     }
     let stderr = std::fs::File::create(f.dir.join(format!("{role}.stderr")))
         .context("cannot create the VMM's stderr file")?;
@@ -243,7 +220,7 @@ fn run_pair(c: Contender, f: &Files, args: &BenchNetArgs) -> anyhow::Result<Samp
     if c != Contender::Vhpc {
         // QEMU attaches to persistent TAPs on the bridge (it has no bridge of its own here).
         for role in ["server", "client"] {
-            sh(&format!(
+            host_sh(&format!(
                 "tunctl -t vbq{role} > /dev/null && brctl addif {BRIDGE} vbq{role} && ip link set vbq{role} up"
             ))?;
         }
@@ -260,7 +237,7 @@ fn run_pair(c: Contender, f: &Files, args: &BenchNetArgs) -> anyhow::Result<Samp
     let _ = server.wait();
     if c != Contender::Vhpc {
         for role in ["server", "client"] {
-            let _ = sh(&format!("tunctl -d vbq{role} > /dev/null"));
+            let _ = host_sh(&format!("tunctl -d vbq{role} > /dev/null"));
         }
     }
     result.map(|l| Sample {
@@ -286,7 +263,7 @@ pub fn run(args: BenchNetArgs) -> anyhow::Result<i32> {
     };
     initramfs_with(&files.server_script, &files.server_initrd)?;
     initramfs_with(&files.client_script, &files.client_initrd)?;
-    sh(&format!("brctl addbr {BRIDGE} && ip link set {BRIDGE} up"))?;
+    host_sh(&format!("brctl addbr {BRIDGE} && ip link set {BRIDGE} up"))?;
     let mut samples: Vec<(Contender, Sample)> = Vec::new();
     let mut failures = 0;
     for round in 1..=args.runs {
@@ -313,7 +290,7 @@ pub fn run(args: BenchNetArgs) -> anyhow::Result<i32> {
             }
         }
     }
-    let _ = sh(&format!(
+    let _ = host_sh(&format!(
         "ip link set {BRIDGE} down && brctl delbr {BRIDGE}"
     ));
     print_table(&samples, &args);

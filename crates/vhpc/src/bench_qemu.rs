@@ -43,16 +43,40 @@ fn command(guest: &Path, memory_mib: u64, cmdline: &str, serial: &Path) -> Comma
     cmd
 }
 
+/// QEMU arguments for a virtio-net-pci NIC on the existing TAP `tap` with `mac`; with
+/// `vnet_hdr` false, without the vnet header (no offloads).
+pub fn tap_nic_args(tap: &str, mac: &str, vnet_hdr: bool) -> [String; 4] {
+    let vnet = if vnet_hdr { "" } else { ",vnet_hdr=off" };
+    [
+        "-netdev".into(),
+        format!("tap,id=n0,ifname={tap},script=no,downscript=no{vnet}"),
+        "-device".into(),
+        // No option ROM: nothing network-boots, and Debian keeps efi-virtio.rom in another
+        // package (ipxe-qemu) that the lab does not copy.
+        format!("virtio-net-pci,netdev=n0,mac={mac},romfile="),
+    ]
+}
+
+/// A Debian guest for [`Qemu::boot_linux`]: kernel, initramfs, command line, memory, and
+/// optionally a NIC on an existing TAP (`(tap, mac)`).
+pub struct LinuxGuest<'a> {
+    pub kernel: &'a Path,
+    pub initramfs: &'a Path,
+    pub cmdline: &'a str,
+    pub memory_mib: u64,
+    pub nic: Option<(&'a str, &'a str)>,
+}
+
 /// The Debian guest in q35 (1 vCPU, `-cpu host`), console into `serial`, the agent's port
 /// discarded; listening for an incoming migration on `incoming` if given.
-fn linux_command(
-    kernel: &Path,
-    initramfs: &Path,
-    cmdline: &str,
-    memory_mib: u64,
-    serial: &Path,
-    incoming: Option<u16>,
-) -> Command {
+fn linux_command(guest: &LinuxGuest, serial: &Path, incoming: Option<u16>) -> Command {
+    let LinuxGuest {
+        kernel,
+        initramfs,
+        cmdline,
+        memory_mib,
+        nic,
+    } = *guest;
     let mut cmd = Command::new(QEMU);
     cmd.args([
         "-accel", "kvm", "-cpu", "host", "-M", "q35", "-smp", "1", "-m",
@@ -66,6 +90,9 @@ fn linux_command(
     .arg("-initrd")
     .arg(initramfs)
     .args(["-append", cmdline, "-monitor", "stdio"]);
+    if let Some((tap, mac)) = nic {
+        cmd.args(tap_nic_args(tap, mac, true));
+    }
     if let Some(port) = incoming {
         cmd.arg("-incoming").arg(format!("tcp:127.0.0.1:{port}"));
     }
@@ -95,10 +122,7 @@ pub fn migrate_ms(info: &str, old_key: &str, new_key: &str) -> Option<f64> {
 impl Qemu {
     /// Boots the Debian kernel and initramfs (see [`linux_command`]).
     pub fn boot_linux(
-        kernel: &Path,
-        initramfs: &Path,
-        cmdline: &str,
-        memory_mib: u64,
+        guest: &LinuxGuest,
         root: &Path,
         incoming: Option<u16>,
     ) -> anyhow::Result<Qemu> {
@@ -108,7 +132,7 @@ impl Qemu {
         };
         let serial = root.join(name);
         let _ = std::fs::remove_file(&serial);
-        let cmd = linux_command(kernel, initramfs, cmdline, memory_mib, &serial, incoming);
+        let cmd = linux_command(guest, &serial, incoming);
         Qemu::spawn(cmd, serial)
     }
 

@@ -49,6 +49,10 @@ pub enum Command {
     /// A test program for checkpoints (runs anywhere; in guests as `/init guest-memtest`):
     /// keeps rewriting N MiB and a running checksum, reports progress to a file.
     GuestMemtest(crate::guest_memtest::MemtestArgs),
+    /// Inside a guest: send a numbered UDP datagram to a host address at a fixed interval,
+    /// forever (used by `vhpc bench migrate` to see a migration's pause from outside).
+    #[command(hide = true)]
+    GuestTicker(crate::guest_ticker::TickerArgs),
     /// Inside a guest: measure block-device throughput with direct I/O (used by `vhpc bench blk`).
     #[command(hide = true)]
     GuestIo(GuestIoArgs),

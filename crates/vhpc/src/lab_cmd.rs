@@ -42,6 +42,15 @@ pub fn run(cmd: LabCommand) -> anyhow::Result<i32> {
     Ok(match run.outcome {
         LabOutcome::Exited => match report.exit_status() {
             Some(status) => status,
+            None if run.console_tail.contains("Kernel panic") => {
+                eprintln!(
+                    "vhpc lab: the emulated host's kernel panicked before the command reported \
+                     its status (exit status {}); the end of its console:\n{}",
+                    exit_codes::LAB_HOST_CRASHED,
+                    run.console_tail
+                );
+                exit_codes::LAB_HOST_CRASHED
+            }
             None => {
                 eprintln!(
                     "vhpc lab: the emulated host stopped without reporting the command's status; \

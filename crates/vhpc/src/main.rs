@@ -13,6 +13,7 @@ mod cli;
 mod exit_codes;
 mod guest_io;
 mod guest_memtest;
+mod guest_ticker;
 mod image_cmd;
 mod lab_cmd;
 mod lab_on;
@@ -51,6 +52,7 @@ fn main() {
         cli::Command::Bench(cli::BenchCommand::Net(args)) => bench_net::run(args),
         cli::Command::Restore(args) => snapshot_cmd::restore(args),
         cli::Command::GuestMemtest(args) => guest_memtest::run(args),
+        cli::Command::GuestTicker(args) => guest_ticker::run(args),
         cli::Command::Bench(cli::BenchCommand::Migrate(args)) => bench_migrate::run(args),
     };
     match status {

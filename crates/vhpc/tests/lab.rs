@@ -27,7 +27,28 @@ fn lab_with_timeout(smp: u32, secs: u32, script: &str) -> Run {
 }
 
 /// As [`lab_with_timeout`], with more `vhpc lab run` options (e.g. `--disk IMG`).
+///
+/// The emulated host's own kernel sometimes panics under QEMU's emulation of nested SVM (seen
+/// in the lab: a kernel stack overflow in the page-fault handler of the host's QEMU or VMM
+/// process, "corrupted stack end detected inside scheduler"). `vhpc lab run` then exits with
+/// status 122 and shows the panic; such a run says nothing about the code under test, so it
+/// is run once more, and says so loudly. Any other failure counts.
 fn lab_with_args(smp: u32, secs: u32, extra: &[&str], script: &str) -> Run {
+    let run = lab_once(smp, secs, extra, script);
+    if run.status != LAB_HOST_CRASHED {
+        return run;
+    }
+    eprintln!(
+        "=== LAB HOST KERNEL PANICKED (status {LAB_HOST_CRASHED}; the panic is above): running \
+         the script once more in a fresh emulated host"
+    );
+    lab_once(smp, secs, extra, script)
+}
+
+/// `vhpc lab run`'s status when the emulated host's own kernel panicked.
+const LAB_HOST_CRASHED: i32 = 122;
+
+fn lab_once(smp: u32, secs: u32, extra: &[&str], script: &str) -> Run {
     let out = Command::new(vhpc())
         .args([
             "lab",
@@ -239,12 +260,18 @@ fn data_a_guest_synced_survives_killing_the_vmm() {
         r#"truncate -s 16M /tmp/k.img
 vhpc run --disk /tmp/k.img -- sh -c 'printf synced-before-kill | dd of=/dev/vda conv=fsync 2>/dev/null; sync; echo MARK; sleep 600' > /tmp/out 2>&1 &
 pid=$!
-i=0; while ! grep -q MARK /tmp/out && [ $i -lt 600 ]; do sleep 0.1; i=$((i+1)); done
+i=0; while ! grep -q MARK /tmp/out && [ $i -lt 3000 ]; do sleep 0.1; i=$((i+1)); done
+echo marked=$(grep -c MARK /tmp/out)
 kill -9 $pid; wait $pid; echo killed=$?
 echo vmm_output=$(tr '\n' '|' < /tmp/out)
 echo image=$(head -c 18 /tmp/k.img)"#,
     );
     assert_eq!(run.status, 0);
+    assert_eq!(
+        field(&run, "marked"),
+        "1",
+        "the guest synced and said so within 300 s"
+    );
     assert_eq!(field(&run, "killed"), "137", "the VMM died of SIGKILL");
     assert_eq!(field(&run, "image"), "synced-before-kill");
 }

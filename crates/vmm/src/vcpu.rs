@@ -167,6 +167,19 @@ pub fn handle_exit(index: u32, exit: VcpuExit<'_>, buses: &Buses) -> ExitAction 
     }
 }
 
+/// Where a vCPU was, for the log of a crash: instruction and stack pointers, control
+/// registers and EFER (what a triple fault's cause is read from).
+fn describe_cpu(fd: &VcpuFd) -> String {
+    match (fd.get_regs(), fd.get_sregs()) {
+        (Ok(r), Ok(s)) => format!(
+            "rip={:#x} rsp={:#x} rflags={:#x} cr0={:#x} cr2={:#x} cr3={:#x} cr4={:#x} \
+             efer={:#x} cs={:#x}",
+            r.rip, r.rsp, r.rflags, s.cr0, s.cr2, s.cr3, s.cr4, s.efer, s.cs.selector
+        ),
+        (Err(e), _) | (_, Err(e)) => format!("registers unreadable ({e})"),
+    }
+}
+
 fn crash(vcpu: u32, reason: String) -> ExitAction {
     ExitAction::Stop(VmEvent::Crash { vcpu, reason })
 }
@@ -372,6 +385,13 @@ impl VcpuThread {
         match action {
             ExitAction::Continue => VcpuRunState::Running,
             ExitAction::Stop(event) => {
+                if matches!(event, VmEvent::TripleFault { .. } | VmEvent::Crash { .. }) {
+                    log::error!(
+                        "vcpu{} stopped ({event:?}) with {}",
+                        self.index,
+                        describe_cpu(&self.fd)
+                    );
+                }
                 let _ = self.events.send(event);
                 // Wait to be told to exit, so the main thread decides the VM's fate.
                 VcpuRunState::Paused

@@ -356,11 +356,13 @@ fn wait_until_ready(dir: &VmDir, child: &mut Child, timeout: Duration) -> anyhow
             bail!(
                 "VM {}: the guest agent did not answer within {}s, so the VM was stopped. Its \
                  console log {} shows how far the guest got (kept until `vhpc vm stop {0}` or \
-                 the next `vhpc vm start {0}`); the VMM log is {}",
+                 the next `vhpc vm start {0}`); its end:\n{}the VMM log {}:\n{}",
                 dir.name,
                 timeout.as_secs(),
                 dir.console_log().display(),
-                dir.vmm_log().display()
+                tail(&dir.console_log(), 30),
+                dir.vmm_log().display(),
+                tail(&dir.vmm_log(), 10)
             );
         }
         std::thread::sleep(Duration::from_millis(100));

@@ -9,6 +9,7 @@ pub const TIMED_OUT: i32 = 124;
 pub const VHPC_ERROR: i32 = 125;
 /// The guest kernel panicked.
 pub const GUEST_PANIC: i32 = 123;
-/// `vhpc lab run`: the emulated host's own kernel panicked (its console says so) before the
-/// command reported a status: the emulated machine failed, not necessarily the command.
+/// `vhpc lab run`: the emulated host ended before the command reported a status (its kernel
+/// panicked, or the emulated machine reset): the emulated machine failed, not necessarily
+/// the command.
 pub const LAB_HOST_CRASHED: i32 = 122;

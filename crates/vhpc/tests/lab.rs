@@ -28,24 +28,25 @@ fn lab_with_timeout(smp: u32, secs: u32, script: &str) -> Run {
 
 /// As [`lab_with_timeout`], with more `vhpc lab run` options (e.g. `--disk IMG`).
 ///
-/// The emulated host's own kernel sometimes panics under QEMU's emulation of nested SVM (seen
-/// in the lab: a kernel stack overflow in the page-fault handler of the host's QEMU or VMM
-/// process, "corrupted stack end detected inside scheduler"). `vhpc lab run` then exits with
-/// status 122 and shows the panic; such a run says nothing about the code under test, so it
-/// is run once more, and says so loudly. Any other failure counts.
+/// The emulated host itself sometimes dies under QEMU's emulation of nested SVM: its kernel
+/// panicked (a kernel stack overflow in the page-fault path of a process running a nested
+/// guest, "corrupted stack end detected inside scheduler") or the machine reset with nothing
+/// on its console, about once per full lab run on 2026-11-26. `vhpc lab run` then exits with
+/// status 122 and shows the end of the host's console; such a run says nothing about the code
+/// under test, so it is run once more, and says so loudly. Any other failure counts.
 fn lab_with_args(smp: u32, secs: u32, extra: &[&str], script: &str) -> Run {
     let run = lab_once(smp, secs, extra, script);
     if run.status != LAB_HOST_CRASHED {
         return run;
     }
     eprintln!(
-        "=== LAB HOST KERNEL PANICKED (status {LAB_HOST_CRASHED}; the panic is above): running \
-         the script once more in a fresh emulated host"
+        "=== LAB HOST DIED (status {LAB_HOST_CRASHED}; its console is above): running the \
+         script once more in a fresh emulated host"
     );
     lab_once(smp, secs, extra, script)
 }
 
-/// `vhpc lab run`'s status when the emulated host's own kernel panicked.
+/// `vhpc lab run`'s status when the emulated host died before the command's status came.
 const LAB_HOST_CRASHED: i32 = 122;
 
 fn lab_once(smp: u32, secs: u32, extra: &[&str], script: &str) -> Run {

@@ -162,7 +162,14 @@ impl Muxer {
                     && let Some(conn) = self.conns.get_mut(&key)
                 {
                     match conn.flush_to_socket() {
-                        Ok(()) => self.close_if_done(key),
+                        Ok(()) => {
+                            // What the socket took now frees the guest's credit: a guest that
+                            // used it all waits for this update and asks for nothing.
+                            if conn.wants_credit_update() {
+                                self.push_control(key, OP_CREDIT_UPDATE, 0);
+                            }
+                            self.close_if_done(key);
+                        }
                         Err(fault) => self.reset(key, &format!("{fault:?}")),
                     }
                 }

@@ -649,8 +649,16 @@ fn checkpoint_kill_restore_and_an_incremental_chain_keep_a_memory_test_exact() {
             .parse()
             .unwrap_or_else(|_| panic!("{key} is not a round number"))
     };
-    // The restored VM starts where the checkpoint was: at or before where `a` got to.
-    assert!(round("b_first") >= 2 && round("b_first") <= round("a_after"));
+    // The restored VM starts where the checkpoint was, not from round 0. It runs on between
+    // its restore and the exec that reads its round: on a fast machine a round or two (a CI
+    // dry run read round 5 after `a` had shown 4), so allow that much past `a`'s last read.
+    // Exactness is the final checksum's job.
+    assert!(
+        round("b_first") >= 2 && round("b_first") <= round("a_after") + 2,
+        "b resumed at round {} (a showed {} last)",
+        round("b_first"),
+        round("a_after")
+    );
     assert_eq!(field(&run, "inc_noparent"), "125");
     assert!(run.stderr.contains("take a full checkpoint first"));
     assert_eq!(field(&run, "unwritable"), "125");
@@ -676,7 +684,7 @@ fn checkpoint_kill_restore_and_an_incremental_chain_keep_a_memory_test_exact() {
     assert_eq!(field(&run, "restore_c"), "0");
     let (last, first_c) = (round("b_last"), round("c_first"));
     assert!(
-        first_c >= round("b_first") && first_c <= last,
+        first_c >= round("b_first") && first_c <= last + 2,
         "the chain's restore resumed the program where b was (round {first_c}, b got to {last})"
     );
     assert_eq!(

@@ -252,12 +252,7 @@ mod tests {
     /// A checkpoint-like memory file on tmpfs (a memfd): 4 MiB with two data pages.
     fn sparse_memfd() -> Arc<File> {
         use std::os::unix::fs::FileExt;
-        // SAFETY: memfd_create with a NUL-terminated name; the fd is owned right away.
-        let fd = unsafe { libc::memfd_create(c"vhpc-memory-test".as_ptr(), 0) };
-        assert!(fd >= 0, "memfd_create: {}", std::io::Error::last_os_error());
-        // SAFETY: fd was just returned to us and nothing else owns it.
-        let file = unsafe { <File as std::os::fd::FromRawFd>::from_raw_fd(fd) };
-        file.set_len(4 << 20).expect("size");
+        let file = crate::sparse::memfd(4 << 20);
         file.write_all_at(&[0xaa; 4096], 0x10_0000).expect("write");
         file.write_all_at(&[0xbb; 4096], 0x20_0000).expect("write");
         Arc::new(file)

@@ -63,6 +63,18 @@ pub fn holes(file: &File, start: u64, len: u64, align: u64, min_len: u64) -> Vec
     out
 }
 
+/// An empty in-memory file (a memfd: tmpfs, sparse) of `len` bytes, for tests.
+#[cfg(test)]
+pub(crate) fn memfd(len: u64) -> File {
+    // SAFETY: memfd_create with a NUL-terminated name; the fd is owned right away.
+    let fd = unsafe { libc::memfd_create(c"vhpc-test".as_ptr(), 0) };
+    assert!(fd >= 0, "memfd_create: {}", std::io::Error::last_os_error());
+    // SAFETY: fd was just returned to us and nothing else owns it.
+    let file = unsafe { <File as std::os::fd::FromRawFd>::from_raw_fd(fd) };
+    file.set_len(len).expect("size");
+    file
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -70,12 +82,7 @@ mod tests {
 
     /// A 64-page sparse file (in memory: a memfd) with data in pages 3 and 40..42.
     fn sparse_file() -> File {
-        // SAFETY: memfd_create with a NUL-terminated name; the fd is owned right away.
-        let fd = unsafe { libc::memfd_create(c"vhpc-sparse-test".as_ptr(), 0) };
-        assert!(fd >= 0, "memfd_create: {}", std::io::Error::last_os_error());
-        // SAFETY: fd was just returned to us and nothing else owns it.
-        let file = unsafe { <File as std::os::fd::FromRawFd>::from_raw_fd(fd) };
-        file.set_len(64 * 4096).expect("size");
+        let file = memfd(64 * 4096);
         file.write_all_at(&[1; 4096], 3 * 4096).expect("write");
         file.write_all_at(&[2; 2 * 4096], 40 * 4096).expect("write");
         file

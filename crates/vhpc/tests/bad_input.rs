@@ -279,3 +279,30 @@ fn vhpc_testguest_elf() -> Vec<u8> {
     assert!(status.success());
     std::fs::read(&out).expect("read the test guest")
 }
+
+/// A VM whose VMM died without being asked keeps its state directory; `vhpc vm stop` removes
+/// it, and shows the ends of its logs first, so the reason it died is not lost with them.
+#[test]
+fn stopping_a_dead_vm_shows_why_it_died() {
+    let runtime = tempfile::tempdir().expect("temp dir");
+    let vm = runtime.path().join("dead");
+    std::fs::create_dir(&vm).expect("state dir");
+    std::fs::write(vm.join("pid"), "4242\n").expect("pid file, not locked: dead");
+    std::fs::write(
+        vm.join("vmm.log"),
+        "vcpu0 crashed: triple fault at rip 0xfeed\n",
+    )
+    .expect("vmm.log");
+    std::fs::write(vm.join("console.log"), "last words of the guest\n").expect("console.log");
+    let out = Command::new(env!("CARGO_BIN_EXE_vhpc"))
+        .args(["vm", "stop", "dead"])
+        .env("VHPC_RUNTIME_DIR", runtime.path())
+        .output()
+        .expect("run vhpc vm stop");
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(0), "{stderr}");
+    assert!(stderr.contains("ended unexpectedly"), "{stderr}");
+    assert!(stderr.contains("triple fault at rip 0xfeed"), "{stderr}");
+    assert!(stderr.contains("last words of the guest"), "{stderr}");
+    assert!(!vm.exists(), "the state directory is removed");
+}

@@ -457,8 +457,15 @@ pub fn put(name: &str, path: &str) -> anyhow::Result<i32> {
 pub fn stop(name: &str, timeout: u64) -> anyhow::Result<i32> {
     let dir = Runtime::from_env().existing(name)?;
     let Some(pid) = dir.running_pid() else {
+        // The VMM ended without being asked (a clean power-off removes the directory itself):
+        // its logs are about to go, so show how it ended first.
+        eprintln!(
+            "vhpc: VM {name} was not running: its VMM had ended unexpectedly. The end of its \
+             VMM log:\n{}the end of its console:\n{}vhpc: removed its state directory",
+            tail(&dir.vmm_log(), 20),
+            tail(&dir.console_log(), 20)
+        );
         dir.remove()?;
-        eprintln!("vhpc: VM {name} was not running; removed its state directory");
         return Ok(0);
     };
     if let Err(e) = put(name, "/vm/shutdown") {

@@ -10,6 +10,7 @@ use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::Duration;
 
 use crate::kmsg;
+use crate::mounts::unescape_mount_field;
 
 /// `_IOWR('X', 119, int)` and `_IOWR('X', 120, int)` from linux/fs.h.
 const FIFREEZE: libc::c_ulong = 0xC004_5877;
@@ -153,36 +154,12 @@ fn freezable_mounts(mounts: &str) -> Vec<String> {
         let (Some(source), Some(target)) = (fields.next(), fields.next()) else {
             continue;
         };
-        let target = unescape(target);
+        let target = unescape_mount_field(target);
         if source.starts_with("/dev/") && !out.contains(&target) {
             out.push(target);
         }
     }
     out
-}
-
-/// /proc/mounts writes space, tab, newline and backslash as `\ooo` octal escapes.
-fn unescape(field: &str) -> String {
-    let bytes = field.as_bytes();
-    let mut out = Vec::with_capacity(bytes.len());
-    let mut i = 0;
-    while i < bytes.len() {
-        let octal = bytes.get(i + 1..i + 4).and_then(|d| {
-            let s = std::str::from_utf8(d).ok()?;
-            u8::from_str_radix(s, 8).ok()
-        });
-        match (bytes[i], octal) {
-            (b'\\', Some(b)) => {
-                out.push(b);
-                i += 4;
-            }
-            (b, _) => {
-                out.push(b);
-                i += 1;
-            }
-        }
-    }
-    String::from_utf8_lossy(&out).into_owned()
 }
 
 #[cfg(test)]
@@ -199,8 +176,8 @@ mod tests {
                       /dev/vda /mnt ext4 rw 0 0\n\
                       tmpfs /tmp tmpfs rw 0 0\n";
         assert_eq!(freezable_mounts(mounts), ["/mnt", "/mnt/with space"]);
-        assert_eq!(unescape("a\\134b\\011"), "a\\b\t");
-        assert_eq!(unescape("trailing\\04"), "trailing\\04");
+        assert_eq!(unescape_mount_field("a\\134b\\011"), "a\\b\t");
+        assert_eq!(unescape_mount_field("trailing\\04"), "trailing\\04");
     }
 
     #[test]

@@ -26,4 +26,6 @@ mod switch_root;
 mod tty;
 pub mod vsock;
 
+pub use mounts::unescape_mount_field;
+
 pub use init::{InitError, run_init};

@@ -20,6 +20,9 @@
 use thiserror::Error;
 
 pub mod session;
+pub mod stream;
+
+use stream::{FrameFormat, StreamDecoder};
 
 /// On the guest kernel's command line: /init serves [`session`] requests on the agent channel
 /// instead of running [`COMMAND_PATH`] once (`vhpc vm start` sets it).
@@ -135,69 +138,19 @@ fn push_frame(kind: u8, payload: &[u8], out: &mut Vec<u8>) {
     out.extend_from_slice(payload);
 }
 
-/// Incremental frame decoder: feed it bytes as they arrive, in pieces of any size.
-///
-/// Once the stream is found corrupt the decoder cannot resynchronise (payload bytes may look like
-/// magic), so the error is sticky: every later `push` returns it again. Frames decoded before
-/// the corruption are still returned first.
-#[derive(Debug, Default)]
-pub struct FrameDecoder {
-    buf: Vec<u8>,
-    /// Stream offset of `buf[0]`, for error messages.
-    offset: u64,
-    failed: Option<ProtocolError>,
-}
+/// Incremental decoder of the agent's frames: feed it bytes as they arrive, in pieces of any
+/// size ([`stream`] has the rules, among them that a corrupt stream's error is sticky).
+pub type FrameDecoder = StreamDecoder<AgentFrames>;
 
-impl FrameDecoder {
-    /// A decoder at the start of a stream.
-    pub fn new() -> Self {
-        Self::default()
-    }
+/// The one-shot agent's wire format, as a [`FrameFormat`].
+#[derive(Debug)]
+pub enum AgentFrames {}
 
-    /// Adds `bytes` and returns every frame completed by them, in order.
-    pub fn push(&mut self, bytes: &[u8]) -> Result<Vec<Frame>, ProtocolError> {
-        if let Some(err) = &self.failed {
-            return Err(err.clone());
-        }
-        self.buf.extend_from_slice(bytes);
-        let mut frames = Vec::new();
-        let mut pos = 0;
-        let result = loop {
-            match self.parse_one(pos) {
-                Ok(Some((frame, used))) => {
-                    frames.push(frame);
-                    pos += used;
-                }
-                Ok(None) => break Ok(()),
-                Err(err) => break Err(err),
-            }
-        };
-        self.buf.drain(..pos);
-        self.offset += pos as u64;
-        match result {
-            Ok(()) => Ok(frames),
-            Err(err) => {
-                self.buf = Vec::new();
-                self.failed = Some(err.clone());
-                if frames.is_empty() {
-                    Err(err)
-                } else {
-                    Ok(frames)
-                }
-            }
-        }
-    }
+impl FrameFormat for AgentFrames {
+    type Frame = Frame;
+    type Error = ProtocolError;
 
-    /// Bytes of an incomplete frame still waiting for the rest; non-zero at end of stream means
-    /// the guest stopped mid-frame.
-    pub fn pending_bytes(&self) -> usize {
-        self.buf.len()
-    }
-
-    /// Parses one frame starting at `buf[pos]`; `None` if more bytes are needed.
-    fn parse_one(&self, pos: usize) -> Result<Option<(Frame, usize)>, ProtocolError> {
-        let rest = &self.buf[pos..];
-        let offset = self.offset + pos as u64;
+    fn parse(rest: &[u8], offset: u64) -> Result<Option<(Frame, usize)>, ProtocolError> {
         let Some(&magic) = rest.first() else {
             return Ok(None);
         };

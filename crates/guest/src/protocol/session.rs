@@ -51,6 +51,7 @@ use std::marker::PhantomData;
 
 use thiserror::Error;
 
+use super::stream::{FrameFormat, StreamDecoder};
 use super::{decode_argv, encode_argv, validate_argv};
 
 /// First byte of every session frame (the one-shot frames of `vhpc run` use 0xA5).
@@ -534,72 +535,19 @@ impl Body for Response {
 
 /// Incremental decoder of one direction of a session stream; bytes may arrive in pieces of
 /// any size. The stream is untrusted: every field is checked, lengths are bounded before any
-/// buffering, nothing panics. The first error is sticky (payload bytes can look like a
-/// header, so there is no safe resynchronisation); frames decoded before it are returned first.
-/// To start over after an error (the guest does, to keep serving), make a new decoder.
+/// buffering, nothing panics. The first error is sticky ([`super::stream`]); to start over
+/// after an error (the guest does, to keep serving), make a new decoder.
+pub type Decoder<T> = StreamDecoder<SessionFrames<T>>;
+
+/// The session wire format with bodies of type `T`, as a [`FrameFormat`].
 #[derive(Debug)]
-pub struct Decoder<T> {
-    buf: Vec<u8>,
-    /// Stream offset of `buf[0]`.
-    offset: u64,
-    failed: Option<SessionError>,
-    _body: PhantomData<T>,
-}
+pub struct SessionFrames<T>(PhantomData<T>);
 
-impl<T: Body> Default for Decoder<T> {
-    fn default() -> Self {
-        Decoder {
-            buf: Vec::new(),
-            offset: 0,
-            failed: None,
-            _body: PhantomData,
-        }
-    }
-}
+impl<T: Body> FrameFormat for SessionFrames<T> {
+    type Frame = Message<T>;
+    type Error = SessionError;
 
-impl<T: Body> Decoder<T> {
-    pub fn new() -> Self {
-        Self::default()
-    }
-
-    /// Adds `bytes`; returns every message they complete, in order.
-    pub fn push(&mut self, bytes: &[u8]) -> Result<Vec<Message<T>>, SessionError> {
-        if let Some(err) = &self.failed {
-            return Err(err.clone());
-        }
-        self.buf.extend_from_slice(bytes);
-        let mut out = Vec::new();
-        let mut pos = 0;
-        let result = loop {
-            match self.parse_one(pos) {
-                Ok(Some((message, used))) => {
-                    out.push(message);
-                    pos += used;
-                }
-                Ok(None) => break Ok(()),
-                Err(err) => break Err(err),
-            }
-        };
-        self.buf.drain(..pos);
-        self.offset += pos as u64;
-        match result {
-            Ok(()) => Ok(out),
-            Err(err) => {
-                self.buf = Vec::new();
-                self.failed = Some(err.clone());
-                if out.is_empty() { Err(err) } else { Ok(out) }
-            }
-        }
-    }
-
-    /// Bytes of an incomplete frame held back.
-    pub fn pending_bytes(&self) -> usize {
-        self.buf.len()
-    }
-
-    fn parse_one(&self, pos: usize) -> Result<Option<(Message<T>, usize)>, SessionError> {
-        let rest = &self.buf[pos..];
-        let offset = self.offset + pos as u64;
+    fn parse(rest: &[u8], offset: u64) -> Result<Option<(Message<T>, usize)>, SessionError> {
         // Check each header byte as soon as it is there, so garbage fails fast.
         if let Some(&byte) = rest.first()
             && byte != MAGIC

@@ -94,4 +94,17 @@ pub(crate) mod test_utils {
             self.0.lock().expect("test mutex poisoned").push(event);
         }
     }
+
+    /// xorshift64: a small deterministic generator, so every CI run feeds the same
+    /// pseudo-random inputs to the parsers under test.
+    pub struct XorShift(pub u64);
+
+    impl XorShift {
+        pub fn next(&mut self) -> u64 {
+            self.0 ^= self.0 << 13;
+            self.0 ^= self.0 >> 7;
+            self.0 ^= self.0 << 17;
+            self.0
+        }
+    }
 }

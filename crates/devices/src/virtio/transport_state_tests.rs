@@ -5,6 +5,7 @@
 
 #![allow(clippy::unwrap_used)] // a failed unwrap is a failed test
 
+use crate::test_utils::XorShift;
 use std::io::Read;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
@@ -294,11 +295,9 @@ fn damaged_or_foreign_states_are_refused() {
     assert!(fresh.restore_state(1, &bytes[..bytes.len() / 2]).is_err());
     assert!(fresh.restore_state(2, &bytes).is_err());
     // Pseudo-random damage: an error or a state that restores, never a panic.
-    let mut x = 0x9e37_79b9_7f4a_7c15u64;
+    let mut rng = XorShift(0x9e37_79b9_7f4a_7c15);
     for _ in 0..300 {
-        x ^= x << 13;
-        x ^= x >> 7;
-        x ^= x << 17;
+        let x = rng.next();
         let mut damaged = bytes.clone();
         let at = (x as usize) % damaged.len();
         damaged[at] ^= (x >> 32) as u8 | 1;

@@ -3,6 +3,7 @@
 
 #![allow(clippy::unwrap_used)] // a failed unwrap is a failed test
 
+use crate::test_utils::XorShift;
 use virtio_queue::{Queue, QueueT};
 use vm_memory::{Address, Bytes, GuestAddress};
 
@@ -268,17 +269,6 @@ fn used_ring_outside_memory_is_a_device_error() {
     r.mem.write_obj(0u16, GuestAddress(AVAIL + 4)).unwrap();
     r.mem.write_obj(1u16, GuestAddress(AVAIL + 2)).unwrap();
     assert!(process_queue(&mut r.disk, &mut r.queue, &r.mem).is_err());
-}
-
-/// A small deterministic generator, so CI runs the same inputs every time.
-struct XorShift(u64);
-impl XorShift {
-    fn next(&mut self) -> u64 {
-        self.0 ^= self.0 << 13;
-        self.0 ^= self.0 >> 7;
-        self.0 ^= self.0 << 17;
-        self.0
-    }
 }
 
 /// The fuzz target's entry point with pseudo-random inputs: raw noise, and noise shaped like

@@ -4,6 +4,7 @@
 
 #![allow(clippy::unwrap_used)] // a failed unwrap is a failed test
 
+use crate::test_utils::XorShift;
 use virtio_queue::{Queue, QueueT};
 use vm_memory::{Address, Bytes, GuestAddress};
 
@@ -430,17 +431,6 @@ fn offloads_the_driver_did_not_accept_are_refused_or_cleared() {
     p.post(TX_QUEUE, 0, &[(BUF, full, false)]);
     assert!(p.kick(TX_QUEUE));
     assert!(p.backend().sent.is_empty());
-}
-
-/// A small deterministic generator, so CI runs the same inputs every time.
-struct XorShift(u64);
-impl XorShift {
-    fn next(&mut self) -> u64 {
-        self.0 ^= self.0 << 13;
-        self.0 ^= self.0 >> 7;
-        self.0 ^= self.0 << 17;
-        self.0
-    }
 }
 
 /// The fuzz target's entry point with pseudo-random inputs: raw noise, and noise shaped like

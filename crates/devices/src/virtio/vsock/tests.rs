@@ -4,6 +4,7 @@
 
 #![allow(clippy::unwrap_used)] // a failed unwrap is a failed test
 
+use crate::test_utils::XorShift;
 use std::io::{BufRead, BufReader, Read, Write};
 use std::os::unix::net::{UnixListener, UnixStream};
 use std::path::PathBuf;
@@ -488,14 +489,11 @@ impl Header {
 
 #[test]
 fn random_rings_never_panic() {
-    let mut seed = 0x1234_5678_9abc_def0u64;
+    let mut rng = XorShift(0x1234_5678_9abc_def0);
     for _ in 0..300 {
         let mut data = vec![0u8; super::fuzz::MEM_SIZE];
         for b in data.iter_mut() {
-            seed ^= seed << 13;
-            seed ^= seed >> 7;
-            seed ^= seed << 17;
-            *b = seed as u8;
+            *b = rng.next() as u8;
         }
         // Plausible available indexes (at most a ring's worth ahead) and an empty used ring,
         // so the random descriptors get parsed instead of the ring being refused at once.

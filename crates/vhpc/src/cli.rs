@@ -138,8 +138,9 @@ pub struct RestoreArgs {
     pub timeout: Option<u64>,
 }
 
+/// What a VM is made of: shared by `vhpc run` and `vhpc vm start`.
 #[derive(Args)]
-pub struct RunArgs {
+pub struct VmShapeArgs {
     /// Number of vCPUs.
     #[arg(long, default_value_t = 1)]
     pub vcpus: u32,
@@ -149,9 +150,33 @@ pub struct RunArgs {
     /// Kernel (bzImage or ELF vmlinux); default: the cached Debian kernel.
     #[arg(long)]
     pub kernel: Option<PathBuf>,
-    /// Initramfs; default: the one `vhpc image initramfs` built.
+    /// Initramfs with the vhpc agent as /init; default: the one `vhpc image initramfs` built.
     #[arg(long)]
     pub initrd: Option<PathBuf>,
+    /// Back guest memory with 2 MiB hugepages (reserve them first).
+    #[arg(long)]
+    pub hugepages: bool,
+    /// Attach a raw disk image as a virtio-blk disk (repeatable: /dev/vda, /dev/vdb, ...);
+    /// `,ro` makes it read-only.
+    #[arg(long = "disk", value_name = "PATH[,ro]")]
+    pub disks: Vec<vhpc_api::DiskConfig>,
+    /// Boot with this ext4 image (`vhpc image rootfs`) as the root file system: it becomes
+    /// /dev/vda (before any --disk) and the guest's commands run inside it; `,ro` mounts it
+    /// read-only.
+    #[arg(long, value_name = "IMG[,ro]")]
+    pub rootfs: Option<vhpc_api::DiskConfig>,
+    /// Add a virtio-net interface (repeatable: eth0, eth1, ...): on TAP device NAME (used if
+    /// it exists, else created), or on a new TAP attached to bridge BR (for `vhpc vm start`
+    /// named vhpc-VM-N). Default MAC: derived from the TAP's name (`vhpc run`), or from the
+    /// VM's name and the interface's index (`vhpc vm start`).
+    #[arg(long = "net", value_name = "tap=NAME|bridge=BR[,mac=MAC]")]
+    pub nets: Vec<vhpc_api::NetConfig>,
+}
+
+#[derive(Args)]
+pub struct RunArgs {
+    #[command(flatten)]
+    pub shape: VmShapeArgs,
     /// Kernel command line (replaces the default).
     #[arg(long)]
     pub cmdline: Option<String>,
@@ -161,28 +186,12 @@ pub struct RunArgs {
     /// Write the guest's console log to this file.
     #[arg(long)]
     pub console_log: Option<PathBuf>,
-    /// Back guest memory with 2 MiB hugepages (reserve them first).
-    #[arg(long)]
-    pub hugepages: bool,
     /// Fault in all guest memory before the guest starts.
     #[arg(long)]
     pub prefault: bool,
     /// Stop the VM (exit status 124) if it runs longer than this many seconds.
     #[arg(long)]
     pub timeout: Option<u64>,
-    /// Attach a raw disk image as a virtio-blk disk (repeatable: /dev/vda, /dev/vdb, ...);
-    /// `,ro` makes it read-only.
-    #[arg(long = "disk", value_name = "PATH[,ro]")]
-    pub disks: Vec<vhpc_api::DiskConfig>,
-    /// Boot with this ext4 image (`vhpc image rootfs`) as the root file system: it becomes
-    /// /dev/vda (before any --disk) and CMD runs inside it; `,ro` mounts it read-only.
-    #[arg(long, value_name = "IMG[,ro]")]
-    pub rootfs: Option<vhpc_api::DiskConfig>,
-    /// Add a virtio-net interface (repeatable: eth0, eth1, ...): on TAP device NAME (used if
-    /// it exists, else created), or on a new TAP attached to bridge BR. Default MAC: derived
-    /// from the TAP's name.
-    #[arg(long = "net", value_name = "tap=NAME|bridge=BR[,mac=MAC]")]
-    pub nets: Vec<vhpc_api::NetConfig>,
     /// Give the guest a virtio-vsock device whose host end is this Unix socket: clients
     /// connect and write `CONNECT <port>\n`; guest connections to host port P go to
     /// `PATH_P`.

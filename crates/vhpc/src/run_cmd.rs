@@ -73,17 +73,18 @@ fn is_freestanding(kernel: &Path) -> bool {
 }
 
 fn vm_config(args: &RunArgs) -> anyhow::Result<VmConfig> {
-    let kernel = kernel_or_default(args.kernel.as_deref())?;
+    let shape = &args.shape;
+    let kernel = kernel_or_default(shape.kernel.as_deref())?;
     let freestanding = is_freestanding(&kernel);
-    let initramfs = match &args.initrd {
+    let initramfs = match &shape.initrd {
         None if freestanding => None,
         initrd => Some(initramfs_or_default(initrd.as_deref())?),
     };
     let mut config = VmConfig {
-        vcpus: args.vcpus,
+        vcpus: shape.vcpus,
         memory: MemoryConfig {
-            size_mib: args.memory,
-            hugepages: args.hugepages,
+            size_mib: shape.memory,
+            hugepages: shape.hugepages,
             prefault: args.prefault,
         },
         kernel,
@@ -92,10 +93,10 @@ fn vm_config(args: &RunArgs) -> anyhow::Result<VmConfig> {
             .cmdline
             .clone()
             .unwrap_or_else(|| default_cmdline(args.console)),
-        disks: args.disks.clone(),
-        nets: crate::net_names::for_run(&args.nets),
+        disks: shape.disks.clone(),
+        nets: crate::net_names::for_run(&shape.nets),
     };
-    if let Some(rootfs) = &args.rootfs {
+    if let Some(rootfs) = &shape.rootfs {
         if freestanding {
             bail!("--rootfs needs a Linux guest: a freestanding kernel runs no /init to mount it");
         }

@@ -28,8 +28,9 @@ use super::{ApiArgs, ExecArgs, MigrateArgs, ReceiveArgs, StartArgs};
 const API_TIMEOUT: Duration = Duration::from_secs(30);
 
 fn vm_config(args: &StartArgs) -> anyhow::Result<VmConfig> {
-    let kernel = crate::run_cmd::kernel_or_default(args.kernel.as_deref())?;
-    let initramfs = crate::run_cmd::initramfs_or_default(args.initrd.as_deref())?;
+    let shape = &args.shape;
+    let kernel = crate::run_cmd::kernel_or_default(shape.kernel.as_deref())?;
+    let initramfs = crate::run_cmd::initramfs_or_default(shape.initrd.as_deref())?;
     // Absolute paths: the VMM process may resolve them from another directory.
     let absolute = |p: PathBuf| std::path::absolute(&p).unwrap_or(p);
     let absolute_disk = |d: &vhpc_api::DiskConfig| vhpc_api::DiskConfig {
@@ -37,19 +38,19 @@ fn vm_config(args: &StartArgs) -> anyhow::Result<VmConfig> {
         read_only: d.read_only,
     };
     let mut config = VmConfig {
-        vcpus: args.vcpus,
+        vcpus: shape.vcpus,
         memory: MemoryConfig {
-            size_mib: args.memory,
-            hugepages: args.hugepages,
+            size_mib: shape.memory,
+            hugepages: shape.hugepages,
             prefault: false,
         },
         kernel: absolute(kernel),
         initramfs: Some(absolute(initramfs)),
         cmdline: format!("{} {SERVE_FLAG}", crate::run_cmd::default_cmdline(false)),
-        disks: args.disks.iter().map(absolute_disk).collect(),
-        nets: crate::net_names::for_vm(&args.name, &args.nets),
+        disks: shape.disks.iter().map(absolute_disk).collect(),
+        nets: crate::net_names::for_vm(&args.name, &shape.nets),
     };
-    if let Some(rootfs) = &args.rootfs {
+    if let Some(rootfs) = &shape.rootfs {
         crate::rootfs_arg::attach(&mut config, &absolute_disk(rootfs))?;
     }
     Ok(config)

@@ -63,35 +63,8 @@ pub enum VmCommand {
 pub struct StartArgs {
     /// The VM's name: letters, digits, '.', '_', '-'; unique among running VMs.
     pub name: String,
-    /// Number of vCPUs.
-    #[arg(long, default_value_t = 1)]
-    pub vcpus: u32,
-    /// Guest memory in MiB.
-    #[arg(long, default_value_t = 512)]
-    pub memory: u64,
-    /// Kernel (bzImage or ELF vmlinux); default: the cached Debian kernel.
-    #[arg(long)]
-    pub kernel: Option<PathBuf>,
-    /// Initramfs with the vhpc agent as /init; default: the one `vhpc image initramfs` built.
-    #[arg(long)]
-    pub initrd: Option<PathBuf>,
-    /// Back guest memory with 2 MiB hugepages (reserve them first).
-    #[arg(long)]
-    pub hugepages: bool,
-    /// Attach a raw disk image as a virtio-blk disk (repeatable: /dev/vda, /dev/vdb, ...);
-    /// `,ro` makes it read-only.
-    #[arg(long = "disk", value_name = "PATH[,ro]")]
-    pub disks: Vec<vhpc_api::DiskConfig>,
-    /// Boot with this ext4 image (`vhpc image rootfs`) as the root file system: it becomes
-    /// /dev/vda (before any --disk) and `vhpc exec` commands run inside it; `,ro` mounts it
-    /// read-only.
-    #[arg(long, value_name = "IMG[,ro]")]
-    pub rootfs: Option<vhpc_api::DiskConfig>,
-    /// Add a virtio-net interface (repeatable: eth0, eth1, ...): on TAP device NAME (used if
-    /// it exists, else created), or on a new TAP vhpc-NAME-N attached to bridge BR. Default
-    /// MAC: derived from the VM's name and the interface's index.
-    #[arg(long = "net", value_name = "tap=NAME|bridge=BR[,mac=MAC]")]
-    pub nets: Vec<vhpc_api::NetConfig>,
+    #[command(flatten)]
+    pub shape: crate::cli::VmShapeArgs,
     /// The guest's vsock CID (its agent is reached over virtio-vsock).
     #[arg(long, default_value_t = vhpc_api::DEFAULT_GUEST_CID)]
     pub cid: u64,

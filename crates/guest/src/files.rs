@@ -159,6 +159,20 @@ pub(crate) fn copy_out(
     }
 }
 
+/// The file's bytes in a sequence of copy-out responses (tests of the agent's file copy).
+#[cfg(test)]
+pub(crate) fn file_bytes<'a>(responses: impl IntoIterator<Item = &'a Response>) -> Vec<u8> {
+    responses
+        .into_iter()
+        .filter_map(|r| match r {
+            Response::FileData(d) => Some(d.as_slice()),
+            _ => None,
+        })
+        .flatten()
+        .copied()
+        .collect()
+}
+
 #[cfg(test)]
 #[allow(clippy::unwrap_used)] // a failed unwrap is a failed test
 mod tests {
@@ -207,15 +221,7 @@ mod tests {
         .unwrap();
         assert!(matches!(got[0], Response::FileInfo { size: 200_000, .. }));
         assert_eq!(got.last(), Some(&Response::Done(200_000)));
-        let bytes: Vec<u8> = got
-            .iter()
-            .filter_map(|r| match r {
-                Response::FileData(d) => Some(d.clone()),
-                _ => None,
-            })
-            .flatten()
-            .collect();
-        assert_eq!(bytes, data);
+        assert_eq!(file_bytes(&got), data);
         for (path, text) in [
             ("/nonexistent/x", "cannot open /nonexistent/x"),
             (dir.path().to_str().unwrap(), "not a regular file"),

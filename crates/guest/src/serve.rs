@@ -468,15 +468,7 @@ mod tests {
                 size: 150_000
             }
         );
-        let bytes: Vec<u8> = out
-            .iter()
-            .filter_map(|r| match r {
-                Response::FileData(d) => Some(d.clone()),
-                _ => None,
-            })
-            .flatten()
-            .collect();
-        assert_eq!(bytes, data);
+        assert_eq!(crate::files::file_bytes(out.iter().copied()), data);
         assert_eq!(out.last(), Some(&&Response::Done(150_000)));
         assert!(matches!(of(6).next(), Some(Response::Error(e)) if e.contains("not started")));
         assert!(

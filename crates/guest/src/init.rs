@@ -48,7 +48,8 @@ pub fn run_init() -> ! {
         kmsg::warn(&err.to_string());
     }
     ensure_std_fds();
-    for err in modules::load_listed(Path::new(LOAD_ORDER_PATH)) {
+    let cmdline = std::fs::read_to_string("/proc/cmdline").unwrap_or_default();
+    for err in modules::load_listed(Path::new(LOAD_ORDER_PATH), &cmdline) {
         kmsg::warn(&err.to_string());
     }
     if let Err(err) = loopback::bring_up() {

@@ -6,14 +6,13 @@
 //! descriptor; then the data descriptors (device-writable for reads and GET_ID,
 //! device-readable for writes); then the 1-byte status in the last, device-writable one.
 
-use std::fs::File;
 use std::io;
-use std::os::unix::fs::FileExt;
 
 use virtio_queue::desc::split::Descriptor;
 use virtio_queue::{Queue, QueueOwnedT, QueueT};
-use vm_memory::{Address, Bytes, GuestAddress};
+use vm_memory::{Address, Bytes, GuestAddress, GuestMemoryBackend};
 
+pub use super::backend::BlockBackend;
 use crate::virtio::{GuestMemory, QueueError};
 
 pub const SECTOR_SIZE: u64 = 512;
@@ -27,53 +26,6 @@ pub const VIRTIO_BLK_S_UNSUPP: u8 = 2;
 /// Length of the GET_ID answer.
 pub const ID_BYTES: usize = 20;
 const HEADER_LEN: u32 = 16;
-/// Data moves between the disk and guest memory through a buffer of at most this size.
-const CHUNK: usize = 64 << 10;
-
-/// Where a disk's bytes live: a raw image file, or memory in tests and fuzzing.
-pub trait BlockBackend: Send {
-    fn read_at(&mut self, buf: &mut [u8], offset: u64) -> io::Result<()>;
-    fn write_at(&mut self, buf: &[u8], offset: u64) -> io::Result<()>;
-    /// Makes every completed write durable (on stable storage).
-    fn flush(&mut self) -> io::Result<()>;
-}
-
-impl BlockBackend for File {
-    fn read_at(&mut self, buf: &mut [u8], offset: u64) -> io::Result<()> {
-        self.read_exact_at(buf, offset)
-    }
-    fn write_at(&mut self, buf: &[u8], offset: u64) -> io::Result<()> {
-        self.write_all_at(buf, offset)
-    }
-    fn flush(&mut self) -> io::Result<()> {
-        self.sync_data()
-    }
-}
-
-impl BlockBackend for Vec<u8> {
-    fn read_at(&mut self, buf: &mut [u8], offset: u64) -> io::Result<()> {
-        let start = usize::try_from(offset).map_err(io::Error::other)?;
-        let src = start
-            .checked_add(buf.len())
-            .and_then(|end| self.get(start..end))
-            .ok_or_else(|| io::Error::from(io::ErrorKind::UnexpectedEof))?;
-        buf.copy_from_slice(src);
-        Ok(())
-    }
-    fn write_at(&mut self, buf: &[u8], offset: u64) -> io::Result<()> {
-        let start = usize::try_from(offset).map_err(io::Error::other)?;
-        let dst = start
-            .checked_add(buf.len())
-            .and_then(|end| self.get_mut(start..end))
-            .ok_or_else(|| io::Error::from(io::ErrorKind::WriteZero))?;
-        dst.copy_from_slice(buf);
-        Ok(())
-    }
-    fn flush(&mut self) -> io::Result<()> {
-        Ok(())
-    }
-}
-
 /// A disk as the request code sees it.
 pub struct Disk<B> {
     pub backend: B,
@@ -82,8 +34,6 @@ pub struct Disk<B> {
     pub read_only: bool,
     /// The GET_ID answer (NUL-padded).
     pub id: [u8; ID_BYTES],
-    /// Reused I/O buffer.
-    buf: Vec<u8>,
     /// The first malformed request is logged as a warning, later ones at debug level.
     malformed_seen: bool,
 }
@@ -95,7 +45,6 @@ impl<B: BlockBackend> Disk<B> {
             sectors,
             read_only,
             id,
-            buf: Vec::new(),
             malformed_seen: false,
         }
     }
@@ -221,24 +170,17 @@ fn transfer<B: BlockBackend>(
     if end.is_none_or(|end| end > disk.sectors) {
         return Err(past_end);
     }
-    let mut pos = req.sector * SECTOR_SIZE;
-    disk.buf.resize(CHUNK, 0);
+    let mut bufs = Vec::with_capacity(req.data.len());
     for d in &req.data {
-        let mut done = 0u64;
-        while done < u64::from(d.len()) {
-            let n = (u64::from(d.len()) - done).min(CHUNK as u64) as usize;
-            let addr = d.addr().checked_add(done).ok_or(IoFailure::Memory)?;
-            let buf = &mut disk.buf[..n];
-            if into_guest {
-                disk.backend.read_at(buf, pos)?;
-                mem.write_slice(buf, addr).map_err(|_| IoFailure::Memory)?;
-            } else {
-                mem.read_slice(buf, addr).map_err(|_| IoFailure::Memory)?;
-                disk.backend.write_at(buf, pos)?;
-            }
-            done += n as u64;
-            pos += n as u64;
+        for slice in mem.get_slices(d.addr(), d.len() as usize) {
+            bufs.push(slice.map_err(|_| IoFailure::Memory)?);
         }
+    }
+    let pos = req.sector * SECTOR_SIZE;
+    if into_guest {
+        disk.backend.read_into(&bufs, pos)?;
+    } else {
+        disk.backend.write_from(&bufs, pos)?;
     }
     Ok(if into_guest { total as u32 } else { 0 })
 }

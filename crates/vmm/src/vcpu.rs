@@ -386,10 +386,21 @@ impl VcpuThread {
             ExitAction::Continue => VcpuRunState::Running,
             ExitAction::Stop(event) => {
                 if matches!(event, VmEvent::TripleFault { .. } | VmEvent::Crash { .. }) {
+                    // On AMD, KVM re-initialises a vCPU on a shutdown (triple fault) before
+                    // returning it, so its registers then show the reset state, not where the
+                    // guest failed; the log says which it is.
+                    let after_reset = matches!(event, VmEvent::TripleFault { .. })
+                        && self.fd.get_regs().is_ok_and(|r| r.rip == 0xfff0);
                     log::error!(
-                        "vcpu{} stopped ({event:?}) with {}",
+                        "vcpu{} stopped ({event:?}) with {}{}",
                         self.index,
-                        describe_cpu(&self.fd)
+                        describe_cpu(&self.fd),
+                        if after_reset {
+                            " (the reset state: KVM re-initialised the vCPU on the shutdown, \
+                             so where the guest failed is lost)"
+                        } else {
+                            ""
+                        }
                     );
                 }
                 let _ = self.events.send(event);

@@ -339,11 +339,12 @@ fn wait_until_ready(dir: &VmDir, child: &mut Child, timeout: Duration) -> anyhow
         if let Some(status) = child.try_wait()? {
             bail!(
                 "the VMM process of VM {} exited ({status}) before its guest agent answered.\n\
-                 VMM log {}:\n{}\nconsole log: {}",
+                 VMM log {}:\n{}the end of the console log {}:\n{}",
                 dir.name,
                 dir.vmm_log().display(),
                 tail(&dir.vmm_log(), 20),
-                dir.console_log().display()
+                dir.console_log().display(),
+                tail(&dir.console_log(), 20)
             );
         }
         if let Ok(info) = get_info(dir, Duration::from_secs(2))

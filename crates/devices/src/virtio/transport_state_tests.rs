@@ -5,7 +5,6 @@
 
 #![allow(clippy::unwrap_used)] // a failed unwrap is a failed test
 
-use crate::test_utils::XorShift;
 use std::io::Read;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
@@ -17,6 +16,7 @@ use super::*;
 use crate::pci::PciDevice;
 use crate::pci::msix::{MsiMessage, MsiRouter, MsixVectors};
 use crate::persist::{DeviceState, PersistError};
+use crate::test_utils::XorShift;
 use crate::virtio::GuestMemory;
 use crate::virtio::block::Block;
 

@@ -3,12 +3,12 @@
 
 #![allow(clippy::unwrap_used)] // a failed unwrap is a failed test
 
-use crate::test_utils::XorShift;
 use virtio_queue::{Queue, QueueT};
 use vm_memory::{Address, Bytes, GuestAddress};
 
 use super::fuzz;
 use super::request::*;
+use crate::test_utils::XorShift;
 use crate::virtio::GuestMemory;
 
 const DESC: u64 = 0x0;

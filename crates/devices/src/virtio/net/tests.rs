@@ -4,13 +4,13 @@
 
 #![allow(clippy::unwrap_used)] // a failed unwrap is a failed test
 
-use crate::test_utils::XorShift;
 use virtio_queue::{Queue, QueueT};
 use vm_memory::{Address, Bytes, GuestAddress};
 
 use super::device::{NetHandler, RX_QUEUE, TX_QUEUE};
 use super::frames::*;
 use super::fuzz::{self, MemoryBackend};
+use crate::test_utils::XorShift;
 use crate::virtio::{GuestMemory, QueueHandler};
 
 const SIZE: u16 = 16;

@@ -4,7 +4,6 @@
 
 #![allow(clippy::unwrap_used)] // a failed unwrap is a failed test
 
-use crate::test_utils::XorShift;
 use std::io::{BufRead, BufReader, Read, Write};
 use std::os::unix::net::{UnixListener, UnixStream};
 use std::path::PathBuf;
@@ -17,6 +16,7 @@ use super::connection::BUF_ALLOC;
 use super::muxer::Muxer;
 use super::packet::*;
 use super::rings::{self, RX_QUEUE, TX_QUEUE};
+use crate::test_utils::XorShift;
 use crate::virtio::GuestMemory;
 
 const SIZE: u16 = 16;

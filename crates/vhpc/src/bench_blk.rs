@@ -12,6 +12,7 @@ use vhpc_guest::protocol::{Frame, FrameDecoder};
 use vhpc_image::cache::Cache;
 
 use crate::bench_measure::{Reap, reap, stats, write_initramfs_with_command};
+use crate::bench_qemu::QEMU_BARE;
 use crate::cli::BenchBlkArgs;
 use crate::guest_io::{IoResult, parse_result};
 use crate::run_cmd::default_cmdline;
@@ -107,7 +108,7 @@ fn command(c: Contender, s: &Setup, argv: &[String], agent_file: &Path) -> Comma
                 "-accel", "kvm", "-cpu", "host", "-M", "q35", "-smp", "1", "-m",
             ])
             .arg(s.memory_mib.to_string())
-            .args(["-nodefaults", "-no-user-config", "-display", "none"])
+            .args(QEMU_BARE)
             .arg("-no-reboot")
             .arg("-kernel")
             .arg(&s.kernel)

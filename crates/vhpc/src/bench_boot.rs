@@ -14,6 +14,7 @@ use anyhow::{Context, bail};
 use vhpc_image::cache::Cache;
 
 use crate::bench_measure::{Reap, reap, stats, vmm_rss_kib, write_initramfs_with_command};
+use crate::bench_qemu::QEMU_BARE;
 use crate::cli::BenchBootArgs;
 use crate::run_cmd::default_cmdline;
 
@@ -90,13 +91,8 @@ fn command(c: Contender, g: &Guest, vhpc: &Path) -> Command {
         "-accel", "kvm", "-cpu", "host", "-M", machine, "-smp", "1", "-m",
     ])
     .arg(g.memory_mib.to_string())
-    .args([
-        "-nodefaults",
-        "-no-user-config",
-        "-display",
-        "none",
-        "-no-reboot",
-    ])
+    .args(QEMU_BARE)
+    .arg("-no-reboot")
     .arg("-kernel")
     .arg(&g.kernel)
     .arg("-initrd")

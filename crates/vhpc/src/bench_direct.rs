@@ -24,6 +24,7 @@ use vhpc_api::{MemoryConfig, VmConfig};
 use vhpc_vmm::{Vm, VmIo, VmOutcome};
 
 use crate::bench_measure::{Reap, reap, stats, vmm_rss_kib};
+use crate::bench_qemu::QEMU_BARE;
 use crate::cli::BenchDirectArgs;
 
 const QEMU: &str = "qemu-system-x86_64";
@@ -79,7 +80,7 @@ fn command(c: Contender, s: &Setup, cmdline: &str) -> Command {
             // QEMU's default CPU model: `-cpu host` aborts on kvm_pvm (an MSR it sets is refused).
             cmd.args(["-accel", "kvm", "-M", "microvm", "-smp", "1", "-m"])
                 .arg(s.memory_mib.to_string())
-                .args(["-nodefaults", "-no-user-config", "-display", "none"])
+                .args(QEMU_BARE)
                 .args(["-no-reboot", "-serial", "stdio", "-kernel"])
                 .arg(&s.guest)
                 .args(["-append", cmdline])

@@ -24,7 +24,8 @@ use anyhow::{Context, bail};
 use vhpc_api::rest::{MigrateDone, MigrateEvent, MigrateRequest};
 use vhpc_image::cache::Cache;
 
-use crate::bench_measure::{host_sh, stats, write_initramfs_with_command};
+use crate::bench_bridge::BenchBridge;
+use crate::bench_measure::{stats, write_initramfs_with_command};
 use crate::bench_qemu::{LinuxGuest, Qemu};
 use crate::cli::BenchMigrateArgs;
 use crate::run_cmd::default_cmdline;
@@ -346,8 +347,7 @@ pub fn run(args: BenchMigrateArgs) -> anyhow::Result<i32> {
     let dir = std::env::temp_dir();
     let loads = [Load::Idle, Load::Dirtying(args.dirty_mib)];
     let guest = qemu_guest(&loads, &dir)?;
-    host_sh(&network_setup())?;
-    let _network = Teardown;
+    let _network = network_setup()?;
     let mut samples: Vec<(bool, Load, Sample)> = Vec::new();
     let mut failures = 0;
     let mut port = 7100;
@@ -393,36 +393,14 @@ pub fn run(args: BenchMigrateArgs) -> anyhow::Result<i32> {
     Ok(if failures == 0 { 0 } else { 1 })
 }
 
-/// The bridge with the host's address, and the QEMU guests' TAPs on it (vhpc makes its own).
-/// The bridge gets a fixed MAC: by default a Linux bridge takes the lowest MAC of its ports,
-/// which changes when a migration replaces the source's TAP with the destination's, and the
-/// guest's ARP entry for the host would then point at a MAC nobody has (its ticks would stop
-/// reaching this process until the host next spoke to it).
-fn network_setup() -> String {
-    let mut cmd = format!(
-        "brctl addbr {BRIDGE} && ip link set {BRIDGE} address {BRIDGE_MAC} \
-         && ip addr add {HOST_IP}/24 dev {BRIDGE} && ip link set {BRIDGE} up"
-    );
+/// The bridge with the host's address (and a fixed MAC: see [`BenchBridge::create`]), and
+/// the QEMU guests' TAPs on it (vhpc makes its own).
+fn network_setup() -> anyhow::Result<BenchBridge> {
+    let mut bridge = BenchBridge::create(BRIDGE, Some(BRIDGE_MAC), Some(&format!("{HOST_IP}/24")))?;
     for tap in QEMU_TAPS {
-        cmd += &format!(
-            " && tunctl -t {tap} > /dev/null && brctl addif {BRIDGE} {tap} && ip link set {tap} up"
-        );
+        bridge.add_tap(tap)?;
     }
-    cmd
-}
-
-/// Removes what [`network_setup`] made, when dropped.
-struct Teardown;
-
-impl Drop for Teardown {
-    fn drop(&mut self) {
-        for tap in QEMU_TAPS {
-            let _ = host_sh(&format!("tunctl -d {tap} > /dev/null"));
-        }
-        let _ = host_sh(&format!(
-            "ip link set {BRIDGE} down && brctl delbr {BRIDGE}"
-        ));
-    }
+    Ok(bridge)
 }
 
 fn print_table(samples: &[(bool, Load, Sample)], loads: &[Load], args: &BenchMigrateArgs) {

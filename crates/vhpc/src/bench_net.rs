@@ -16,13 +16,21 @@ use std::time::{Duration, Instant};
 use anyhow::{Context, bail};
 use vhpc_image::cache::Cache;
 
-use crate::bench_measure::{host_sh, stats};
+use crate::bench_bridge::BenchBridge;
+use crate::bench_measure::stats;
+use crate::bench_qemu::QEMU_BARE;
 use crate::bench_qemu::tap_nic_args;
 use crate::cli::BenchNetArgs;
 use crate::run_cmd::default_cmdline;
 
 const QEMU: &str = "qemu-system-x86_64";
 const BRIDGE: &str = "vhpcbench0";
+const ROLES: [&str; 2] = ["server", "client"];
+
+/// The persistent TAP a QEMU guest in `role` attaches to.
+fn qemu_tap(role: &str) -> String {
+    format!("vbq{role}")
+}
 const SERVER_IP: &str = "10.77.0.2";
 const CLIENT_IP: &str = "10.77.0.1";
 
@@ -130,13 +138,16 @@ fn spawn(c: Contender, role: &str, f: &Files, memory: u64) -> anyhow::Result<Chi
             .args(["--net", &format!("bridge={BRIDGE},mac={mac}")])
             .args(["--", "sh", "-c", script]);
     } else {
-        let tap = format!("vbq{role}");
+        let tap = qemu_tap(role);
         cmd = Command::new(QEMU);
         cmd.args([
             "-accel", "kvm", "-cpu", "host", "-M", "q35", "-smp", "1", "-m",
         ])
         .arg(memory.to_string())
-        .args(["-nodefaults", "-no-user-config", "-display", "none"])
+        // A guest that crashes or reboots ends its QEMU (as it ends vhpc's VMM): the round
+        // fails and says so, instead of the guest booting again and running its script twice.
+        .args(QEMU_BARE)
+        .arg("-no-reboot")
         .arg("-kernel")
         .arg(Cache::from_env().kernel_path())
         .arg("-initrd")
@@ -216,13 +227,16 @@ fn parse_result(line: &str) -> anyhow::Result<ClientLine> {
     Ok(ClientLine { rtt_ms, secs })
 }
 
-fn run_pair(c: Contender, f: &Files, args: &BenchNetArgs) -> anyhow::Result<Sample> {
+fn run_pair(
+    c: Contender,
+    f: &Files,
+    args: &BenchNetArgs,
+    bridge: &mut BenchBridge,
+) -> anyhow::Result<Sample> {
     if c != Contender::Vhpc {
         // QEMU attaches to persistent TAPs on the bridge (it has no bridge of its own here).
-        for role in ["server", "client"] {
-            host_sh(&format!(
-                "tunctl -t vbq{role} > /dev/null && brctl addif {BRIDGE} vbq{role} && ip link set vbq{role} up"
-            ))?;
+        for role in ROLES {
+            bridge.add_tap(&qemu_tap(role))?;
         }
     }
     let mut server = spawn(c, "server", f, args.memory)?;
@@ -235,10 +249,8 @@ fn run_pair(c: Contender, f: &Files, args: &BenchNetArgs) -> anyhow::Result<Samp
     });
     let _ = server.kill();
     let _ = server.wait();
-    if c != Contender::Vhpc {
-        for role in ["server", "client"] {
-            let _ = host_sh(&format!("tunctl -d vbq{role} > /dev/null"));
-        }
+    for role in ROLES {
+        bridge.remove_tap(&qemu_tap(role));
     }
     result.map(|l| Sample {
         rtt_ms: l.rtt_ms,
@@ -263,12 +275,12 @@ pub fn run(args: BenchNetArgs) -> anyhow::Result<i32> {
     };
     initramfs_with(&files.server_script, &files.server_initrd)?;
     initramfs_with(&files.client_script, &files.client_initrd)?;
-    host_sh(&format!("brctl addbr {BRIDGE} && ip link set {BRIDGE} up"))?;
+    let mut bridge = BenchBridge::create(BRIDGE, None, None)?;
     let mut samples: Vec<(Contender, Sample)> = Vec::new();
     let mut failures = 0;
     for round in 1..=args.runs {
         for c in Contender::ALL {
-            match run_pair(c, &files, &args) {
+            match run_pair(c, &files, &args, &mut bridge) {
                 Ok(s) => {
                     eprintln!(
                         "vhpc bench: round {round}/{}: {:<42} ping avg {:>8.3} ms, TCP {:>7.2} MiB/s",
@@ -290,9 +302,7 @@ pub fn run(args: BenchNetArgs) -> anyhow::Result<i32> {
             }
         }
     }
-    let _ = host_sh(&format!(
-        "ip link set {BRIDGE} down && brctl delbr {BRIDGE}"
-    ));
+    drop(bridge);
     print_table(&samples, &args);
     Ok(if failures == 0 { 0 } else { 1 })
 }

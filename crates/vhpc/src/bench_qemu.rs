@@ -13,6 +13,9 @@ use std::time::{Duration, Instant};
 use anyhow::{Context, bail};
 
 const QEMU: &str = "qemu-system-x86_64";
+/// QEMU with no default devices, no user configuration and no display: only what the command
+/// line adds (every benchmark's QEMU starts with these).
+pub const QEMU_BARE: [&str; 4] = ["-nodefaults", "-no-user-config", "-display", "none"];
 
 pub struct Qemu {
     child: Child,
@@ -26,13 +29,8 @@ fn command(guest: &Path, memory_mib: u64, cmdline: &str, serial: &Path) -> Comma
     // QEMU's default CPU model: `-cpu host` aborts on kvm_pvm (an MSR it sets is refused).
     cmd.args(["-accel", "kvm", "-M", "microvm", "-smp", "1", "-m"])
         .arg(memory_mib.to_string())
-        .args([
-            "-nodefaults",
-            "-no-user-config",
-            "-display",
-            "none",
-            "-no-reboot",
-        ])
+        .args(QEMU_BARE)
+        .arg("-no-reboot")
         .arg("-serial")
         .arg(format!("file:{}", serial.display()))
         .arg("-kernel")
@@ -82,7 +80,7 @@ fn linux_command(guest: &LinuxGuest, serial: &Path, incoming: Option<u16>) -> Co
         "-accel", "kvm", "-cpu", "host", "-M", "q35", "-smp", "1", "-m",
     ])
     .arg(memory_mib.to_string())
-    .args(["-nodefaults", "-no-user-config", "-display", "none"])
+    .args(QEMU_BARE)
     .arg("-serial")
     .arg(format!("file:{}", serial.display()))
     .args(["-serial", "null", "-kernel"])

@@ -3,6 +3,7 @@
 
 mod bench_blk;
 mod bench_boot;
+mod bench_bridge;
 mod bench_direct;
 mod bench_measure;
 mod bench_migrate;

@@ -48,15 +48,25 @@ fn lab_with_args(smp: u32, secs: u32, extra: &[&str], script: &str) -> Run {
             return run;
         };
         if attempt == LAB_ATTEMPTS {
-            eprintln!("=== {why}, in attempt {attempt} of {LAB_ATTEMPTS}: giving up");
+            announce(&format!(
+                "=== {why}, in attempt {attempt} of {LAB_ATTEMPTS}: giving up"
+            ));
             return run;
         }
-        eprintln!(
+        announce(&format!(
             "=== {why}, in attempt {attempt} of {LAB_ATTEMPTS}: running the script again in a \
              fresh emulated host"
-        );
+        ));
         attempt += 1;
     }
+}
+
+/// Writes `line` to the test process's stderr even while the test harness captures output
+/// (it captures the print macros only), so a repeated run shows in the log of a passing
+/// test too.
+fn announce(line: &str) {
+    use std::io::Write;
+    let _ = writeln!(std::io::stderr(), "{line}");
 }
 
 /// How many times a script runs when the emulated host or a nested guest keeps dying.

@@ -35,6 +35,9 @@ pub enum LabOutcome {
     /// The emulated host powered off (its agent reported the command's status on the way).
     Exited,
     TimedOut,
+    /// The emulated host stopped making progress: nothing reached its console, not even the
+    /// heartbeat it writes every [`HEARTBEAT_SECS`], for this long; it was stopped.
+    Hung(Duration),
 }
 
 /// How a lab run ended, with the end of host 1's console (kernel messages: a panic, the OOM
@@ -44,6 +47,15 @@ pub struct LabRun {
     pub outcome: LabOutcome,
     pub console_tail: String,
 }
+
+/// Host 1 writes [`HEARTBEAT`] to its console this often while its command runs.
+pub const HEARTBEAT_SECS: u64 = 20;
+/// The heartbeat line (left out of [`LabRun::console_tail`]).
+const HEARTBEAT: &str = "vhpc-lab-heartbeat";
+/// A host whose console stays silent this long, heartbeat included, is taken as hung (QEMU's
+/// emulation of nested SVM froze hosts twice in full lab runs on 2026-11-26: both vCPUs busy
+/// in the emulator, the host's own timers dead). `VHPC_LAB_HANG_SECS` overrides it.
+const HANG_SECS: u64 = 300;
 
 /// How much of the console's end [`LabRun::console_tail`] keeps.
 const CONSOLE_TAIL_BYTES: u64 = 6 * 1024;
@@ -112,7 +124,7 @@ impl LabHost {
         let network = LabNetwork::new(self.hosts)?;
         let work = WorkDir::new()?;
         let others = self.start_other_hosts(cache, vhpc_binary, &network, &work.0, progress)?;
-        let script = if self.hosts == 1 {
+        let command = if self.hosts == 1 {
             shell_command.to_string()
         } else {
             format!(
@@ -120,6 +132,11 @@ impl LabHost {
                 network.setup_script(1)
             )
         };
+        // Its own descriptors closed, so the agent does not wait for it to end.
+        let script = format!(
+            "(while :; do sleep {HEARTBEAT_SECS}; echo {HEARTBEAT} > /dev/console; done) \
+             </dev/null >/dev/null 2>&1 &\n{command}"
+        );
         let initrd = work.0.join("host.cpio");
         build_host_initramfs(
             cache,
@@ -144,7 +161,7 @@ impl LabHost {
         )?;
         let outcome = self.supervise(&mut child, agent, &console_log);
         drop(others);
-        if outcome == LabOutcome::TimedOut {
+        if outcome != LabOutcome::Exited {
             let _ = std::fs::copy(
                 &console_log,
                 std::env::temp_dir().join("vhpc-lab-console.log"),
@@ -152,7 +169,7 @@ impl LabHost {
         }
         Ok(LabRun {
             outcome,
-            console_tail: file_tail(&console_log, CONSOLE_TAIL_BYTES),
+            console_tail: without_heartbeats(&file_tail(&console_log, CONSOLE_TAIL_BYTES)),
         })
     }
 
@@ -251,21 +268,35 @@ impl LabHost {
         console_log: &Path,
     ) -> LabOutcome {
         let timed_out = Arc::new(AtomicBool::new(false));
+        let hung = Arc::new(AtomicBool::new(false));
         let done = Arc::new(AtomicBool::new(false));
+        let hang_after = hang_after();
         let watchdog = {
-            let (timed_out, done) = (timed_out.clone(), done.clone());
+            let (timed_out, hung, done) = (timed_out.clone(), hung.clone(), done.clone());
             let pid = child.id() as libc::pid_t;
             let deadline = Instant::now() + self.timeout;
             let console_log = console_log.to_path_buf();
             let show = self.show_console;
             std::thread::spawn(move || {
                 let mut shown = 0u64;
+                let (mut console_len, mut last_output) = (0u64, Instant::now());
                 while !done.load(Ordering::Acquire) {
                     if show {
                         shown = copy_new_console(&console_log, shown);
                     }
-                    if Instant::now() >= deadline {
-                        timed_out.store(true, Ordering::Release);
+                    let len = std::fs::metadata(&console_log).map_or(0, |m| m.len());
+                    if len != console_len {
+                        (console_len, last_output) = (len, Instant::now());
+                    }
+                    let stop = if Instant::now() >= deadline {
+                        Some(&timed_out)
+                    } else if last_output.elapsed() >= hang_after {
+                        Some(&hung)
+                    } else {
+                        None
+                    };
+                    if let Some(flag) = stop {
+                        flag.store(true, Ordering::Release);
                         // SAFETY: plain kill(2) of our own child, which has not been reaped yet
                         // (the main thread reaps it only after this thread is told to stop).
                         unsafe { libc::kill(pid, libc::SIGKILL) };
@@ -292,10 +323,30 @@ impl LabHost {
         let _ = child.wait();
         if timed_out.load(Ordering::Acquire) {
             LabOutcome::TimedOut
+        } else if hung.load(Ordering::Acquire) {
+            LabOutcome::Hung(hang_after)
         } else {
             LabOutcome::Exited
         }
     }
+}
+
+/// How long a silent console means a hung host: [`HANG_SECS`], or `VHPC_LAB_HANG_SECS`.
+fn hang_after() -> Duration {
+    let secs = std::env::var("VHPC_LAB_HANG_SECS")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(HANG_SECS);
+    Duration::from_secs(secs)
+}
+
+/// The console text without the heartbeat's lines.
+fn without_heartbeats(console: &str) -> String {
+    console
+        .lines()
+        .filter(|l| l.trim() != HEARTBEAT)
+        .map(|l| format!("{l}\n"))
+        .collect()
 }
 
 /// `/bin/sh -c SCRIPT`.
@@ -357,6 +408,15 @@ fn copy_new_console(path: &Path, from: u64) -> u64 {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn heartbeats_are_left_out_of_the_console_tail() {
+        let console = format!("[ 1.0] boot\n{HEARTBEAT}\r\n[ 2.0] Kernel panic\n{HEARTBEAT}\n");
+        assert_eq!(
+            without_heartbeats(&console),
+            "[ 1.0] boot\n[ 2.0] Kernel panic\n"
+        );
+    }
 
     #[test]
     fn lab_disks_are_copy_on_write_and_escaped() {

@@ -60,6 +60,20 @@ pub fn run(cmd: LabCommand) -> anyhow::Result<i32> {
                 exit_codes::LAB_HOST_CRASHED
             }
         },
+        LabOutcome::Hung(after) => {
+            // Nothing reached the console, not even the heartbeat host 1 writes every 20 s:
+            // the emulated machine froze (as QEMU's nested SVM emulation sometimes does), the
+            // command did not end it.
+            eprintln!(
+                "vhpc lab: the emulated host stopped making progress (its console was silent for \
+                 {} s, heartbeat included) and was stopped (exit status {}); the end of its \
+                 console:\n{}",
+                after.as_secs(),
+                exit_codes::LAB_HOST_CRASHED,
+                run.console_tail
+            );
+            exit_codes::LAB_HOST_CRASHED
+        }
         LabOutcome::TimedOut => {
             eprintln!(
                 "vhpc lab: the emulated host ran past --timeout and was stopped; the end of its \

@@ -128,15 +128,14 @@ impl LabHost {
             shell_command.to_string()
         } else {
             format!(
-                "{}vhpc lab serve --port {COMMAND_PORT} >/dev/null 2>&1 &\n{shell_command}",
-                network.setup_script(1)
+                "{}{}\n{shell_command}",
+                network.setup_script(1),
+                detached(&format!("vhpc lab serve --port {COMMAND_PORT}"))
             )
         };
-        // Its own descriptors closed, so the agent does not wait for it to end.
-        let script = format!(
-            "(while :; do sleep {HEARTBEAT_SECS}; echo {HEARTBEAT} > /dev/console; done) \
-             </dev/null >/dev/null 2>&1 &\n{command}"
-        );
+        let heartbeat =
+            format!("while :; do sleep {HEARTBEAT_SECS}; echo {HEARTBEAT} > /dev/console; done");
+        let script = format!("{}\n{command}", detached(&heartbeat));
         let initrd = work.0.join("host.cpio");
         build_host_initramfs(
             cache,
@@ -338,6 +337,13 @@ fn hang_after() -> Duration {
         .and_then(|v| v.parse().ok())
         .unwrap_or(HANG_SECS);
     Duration::from_secs(secs)
+}
+
+/// `command` started in the background so that it is not a job of the user's shell (a plain
+/// `wait` in the lab script would wait for it forever: the last CI run's migration test hung
+/// so) and with its own descriptors closed (so the agent does not wait for it to end).
+fn detached(command: &str) -> String {
+    format!("( ({command}) </dev/null >/dev/null 2>&1 & )")
 }
 
 /// The console text without the heartbeat's lines.

@@ -246,9 +246,16 @@ fn twenty_boots_in_a_row() {
 #[test]
 #[ignore = "lab test: boots emulated hosts; run by scripts/test.sh"]
 fn lab_relays_status_of_the_host_command() {
-    let run = lab(1, "echo in-host; exit 3");
+    // `wait` returns once the script's own jobs end: the lab's helpers (the heartbeat) are
+    // not jobs of the script's shell.
+    let run = lab_with_timeout(
+        1,
+        300,
+        "sleep 1 & wait; echo waited=$?; echo in-host; exit 3",
+    );
     assert_eq!(run.status, 3);
     assert!(run.stdout.contains("in-host"));
+    assert_eq!(field(&run, "waited"), "0");
 }
 
 /// virtio-blk end to end, in one emulated host: boot 1 writes 1 MiB of random data to a
@@ -505,7 +512,7 @@ fn two_lab_hosts_on_one_network() {
         1,
         900,
         &["--hosts", "2", "--memory", "768"],
-        "vhpc lab on 2 -- hostname; echo st=$?; \
+        "sleep 1 & wait; echo waited=$?; vhpc lab on 2 -- hostname; echo st=$?; \
          vhpc lab on 2 -- sh -c 'echo to-err >&2; exit 5'; echo st5=$?; \
          ping -c1 10.0.2.12 > /dev/null; echo ping=$?; ping -c1 host2 > /dev/null; echo ping_name=$?; \
          echo self=$(hostname); vhpc lab on 1 -- hostname | sed 's/^/on1: /'; \
@@ -516,6 +523,11 @@ fn two_lab_hosts_on_one_network() {
     assert!(
         run.stdout.lines().any(|l| l == "host2"),
         "hostname of host 2"
+    );
+    assert_eq!(
+        field(&run, "waited"),
+        "0",
+        "`vhpc lab serve` is no job of the script"
     );
     assert_eq!(field(&run, "st"), "0");
     assert_eq!(field(&run, "st5"), "5", "exit status relayed");

@@ -306,3 +306,38 @@ fn stopping_a_dead_vm_shows_why_it_died() {
     assert!(stderr.contains("last words of the guest"), "{stderr}");
     assert!(!vm.exists(), "the state directory is removed");
 }
+
+/// `vhpc vm start` checks the VM's shape and its `--append` arguments before it creates a
+/// state directory or a VMM process: one line, status 125, at once, and no VM is left.
+#[test]
+fn vm_start_refuses_bad_input_before_starting_anything() {
+    require_kvm();
+    let runtime = tempfile::tempdir().expect("temp dir");
+    let kernel = temp_file(b"x");
+    let k = kernel.path().to_str().expect("utf-8 path");
+    let start = |extra: &[&str]| {
+        let began = Instant::now();
+        let out = Command::new(env!("CARGO_BIN_EXE_vhpc"))
+            .args(["vm", "start", "bad", "--kernel", k, "--initrd", "/dev/null"])
+            .args(extra)
+            .env("VHPC_RUNTIME_DIR", runtime.path())
+            .output()
+            .expect("run vhpc vm start");
+        assert!(
+            began.elapsed() < Duration::from_secs(15),
+            "bad input must fail at once"
+        );
+        let stderr = String::from_utf8_lossy(&out.stderr).into_owned();
+        assert_eq!(out.status.code(), Some(VHPC_ERROR), "{stderr}");
+        assert_eq!(stderr.trim_end().lines().count(), 1, "one line: {stderr}");
+        assert!(
+            !runtime.path().join("bad").exists(),
+            "no state directory is left behind"
+        );
+        stderr
+    };
+    assert!(start(&["--vcpus", "0"]).contains("at least 1 vCPU"));
+    assert!(start(&["--memory", "100000000"]).contains("this host has only"));
+    assert!(start(&["--append", "a\nb"]).contains("control characters"));
+    assert!(start(&["--append", "loglevel=7 -- x"]).contains("guest's init"));
+}

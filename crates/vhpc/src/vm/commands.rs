@@ -46,14 +46,36 @@ fn vm_config(args: &StartArgs) -> anyhow::Result<VmConfig> {
         },
         kernel: absolute(kernel),
         initramfs: Some(absolute(initramfs)),
-        cmdline: format!("{} {SERVE_FLAG}", crate::run_cmd::default_cmdline(false)),
+        cmdline: start_cmdline(args.append.as_deref())?,
         disks: shape.disks.iter().map(absolute_disk).collect(),
         nets: crate::net_names::for_vm(&args.name, &shape.nets),
     };
     if let Some(rootfs) = &shape.rootfs {
         crate::rootfs_arg::attach(&mut config, &absolute_disk(rootfs))?;
     }
+    // Here, not only in the VMM process: bad input fails before a state directory exists.
+    config.validate(&vhpc_vmm::vm::current_host_limits()?)?;
     Ok(config)
+}
+
+/// The guest kernel's command line of a long-running VM: vhpc's defaults, the agent's serve
+/// flag, then the user's `--append` arguments (later arguments win, as `loglevel=7` over
+/// the default `quiet`).
+fn start_cmdline(append: Option<&str>) -> anyhow::Result<String> {
+    let mut cmdline = format!("{} {SERVE_FLAG}", crate::run_cmd::default_cmdline(false));
+    if let Some(extra) = append {
+        if extra.chars().any(|c| c.is_control()) {
+            bail!("--append: kernel arguments cannot contain control characters (newlines, tabs)");
+        }
+        if extra.split_whitespace().any(|w| w == "--") {
+            bail!(
+                "--append: '--' would hand the rest of the command line to the guest's init, not the kernel"
+            );
+        }
+        cmdline.push(' ');
+        cmdline.push_str(extra.trim());
+    }
+    Ok(cmdline)
 }
 
 /// `vhpc vm start`: state directory, detached VMM process, wait for the agent.
@@ -642,5 +664,15 @@ mod tests {
         let err = relay_events(io::Cursor::new("{\"stdout\":\"aGkK\"}\n")).unwrap_err();
         assert!(err.to_string().contains("without an exit status"));
         assert!(relay_events(io::Cursor::new("not json\n")).is_err());
+    }
+
+    #[test]
+    fn appended_kernel_arguments_come_last() {
+        let plain = start_cmdline(None).unwrap();
+        assert!(plain.contains(SERVE_FLAG) && plain.contains(" quiet"));
+        let more = start_cmdline(Some("  isolcpus=1 loglevel=7 ")).unwrap();
+        assert_eq!(more, format!("{plain} isolcpus=1 loglevel=7"));
+        assert!(start_cmdline(Some("x\ty")).is_err());
+        assert!(start_cmdline(Some("a -- b")).is_err());
     }
 }

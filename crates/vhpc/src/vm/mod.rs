@@ -71,6 +71,10 @@ pub struct StartArgs {
     /// Seconds to wait for the guest agent to answer.
     #[arg(long, default_value_t = 120)]
     pub timeout: u64,
+    /// Kernel command-line arguments added after vhpc's defaults, e.g. 'isolcpus=1
+    /// nohz_full=1', or 'loglevel=7' to see the guest's boot in console.log.
+    #[arg(long, value_name = "ARGS")]
+    pub append: Option<String>,
 }
 
 #[derive(Args)]

@@ -177,17 +177,28 @@ fn client_result(
 ) -> anyhow::Result<ClientLine> {
     let start = Instant::now();
     let console = dir.join("client.console");
-    loop {
+    let result = || {
         let text = std::fs::read_to_string(&console).unwrap_or_default();
-        if let Some(line) = text.lines().find(|l| l.starts_with("BENCH ")) {
-            return parse_result(line);
+        text.lines()
+            .find(|l| l.starts_with("BENCH "))
+            .map(parse_result)
+    };
+    loop {
+        if let Some(r) = result() {
+            return r;
         }
         for (role, child) in [("client", &mut *client), ("server", &mut *server)] {
             if let Ok(Some(status)) = child.try_wait() {
+                // The client powers off right after writing its result: look once more.
+                if let Some(r) = result() {
+                    return r;
+                }
                 let err =
                     std::fs::read_to_string(dir.join(format!("{role}.stderr"))).unwrap_or_default();
+                // QEMU runs with -no-reboot: a guest that reset (a triple fault) ends it
+                // with status 0, as a power-off would.
                 bail!(
-                    "the {role} VMM exited ({status}) before the client's result: {}; console {}",
+                    "the {role} VMM exited ({status}) before the client's result (its guest crashed, reset or powered off): {}; console {}",
                     err.trim(),
                     dir.join(format!("{role}.console")).display()
                 );

@@ -25,19 +25,23 @@ fn temp_file(bytes: &[u8]) -> tempfile::NamedTempFile {
 
 /// Runs `vhpc run ARGS -- true`; returns its status and stderr, checking it ends quickly.
 fn vhpc_run(args: &[&str]) -> (i32, String) {
-    let start = Instant::now();
-    let out = Command::new(env!("CARGO_BIN_EXE_vhpc"))
-        .arg("run")
+    let mut cmd = Command::new(env!("CARGO_BIN_EXE_vhpc"));
+    cmd.arg("run")
         .args(args)
-        .args(["--timeout", "20", "--", "true"])
-        .output()
-        .expect("run vhpc");
+        .args(["--timeout", "20", "--", "true"]);
+    at_once(&mut cmd)
+}
+
+/// Runs `cmd`; returns its status and stderr, checking it ends quickly and did not panic.
+fn at_once(cmd: &mut Command) -> (i32, String) {
+    let start = Instant::now();
+    let out = cmd.output().expect("run vhpc");
     assert!(
         start.elapsed() < Duration::from_secs(15),
         "bad input must fail at once"
     );
     let stderr = String::from_utf8_lossy(&out.stderr).into_owned();
-    eprintln!("vhpc run {args:?}: {stderr}");
+    eprintln!("{cmd:?}: {stderr}");
     assert!(!stderr.contains("panicked"), "vhpc panicked: {stderr}");
     (out.status.code().unwrap_or(-1), stderr)
 }
@@ -316,19 +320,13 @@ fn vm_start_refuses_bad_input_before_starting_anything() {
     let kernel = temp_file(b"x");
     let k = kernel.path().to_str().expect("utf-8 path");
     let start = |extra: &[&str]| {
-        let began = Instant::now();
-        let out = Command::new(env!("CARGO_BIN_EXE_vhpc"))
-            .args(["vm", "start", "bad", "--kernel", k, "--initrd", "/dev/null"])
-            .args(extra)
-            .env("VHPC_RUNTIME_DIR", runtime.path())
-            .output()
-            .expect("run vhpc vm start");
-        assert!(
-            began.elapsed() < Duration::from_secs(15),
-            "bad input must fail at once"
+        let (status, stderr) = at_once(
+            Command::new(env!("CARGO_BIN_EXE_vhpc"))
+                .args(["vm", "start", "bad", "--kernel", k, "--initrd", "/dev/null"])
+                .args(extra)
+                .env("VHPC_RUNTIME_DIR", runtime.path()),
         );
-        let stderr = String::from_utf8_lossy(&out.stderr).into_owned();
-        assert_eq!(out.status.code(), Some(VHPC_ERROR), "{stderr}");
+        assert_eq!(status, VHPC_ERROR, "{stderr}");
         assert_eq!(stderr.trim_end().lines().count(), 1, "one line: {stderr}");
         assert!(
             !runtime.path().join("bad").exists(),

@@ -6,37 +6,15 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
-packages=(busybox-static cpio debootstrap e2fsprogs iproute2 util-linux)
+packages=(qemu-system-x86 busybox-static cpio debootstrap e2fsprogs iproute2 util-linux)
 missing=()
 for p in "${packages[@]}"; do
     dpkg -s "$p" >/dev/null 2>&1 || missing+=("$p")
 done
 sudo=""
 [ "$(id -u)" -eq 0 ] || sudo="sudo"
-# The lab's emulator: QEMU 10 from bookworm-backports, not Debian 12's QEMU 7.2, whose
-# emulation of nested SVM killed the emulated host in about one of three network-heavy lab
-# runs (README, "The lab"). The QEMU packages in the lab host come from this install too.
-# (Elsewhere than Debian 12, the distribution's own QEMU is taken as it is.)
-bookworm=0
-grep -q '^VERSION_CODENAME=bookworm' /etc/os-release && bookworm=1
-qemu_wanted() {
-    if [ $bookworm = 1 ]; then
-        dpkg -s qemu-system-x86 2>/dev/null | grep -q '^Version: 1:10\.'
-    else
-        dpkg -s qemu-system-x86 >/dev/null 2>&1
-    fi
-}
-backports=/etc/apt/sources.list.d/vhpc-bookworm-backports.list
-new_source=0
-if ! qemu_wanted && [ $bookworm = 1 ] \
-    && ! grep -rqs 'bookworm-backports' /etc/apt/sources.list /etc/apt/sources.list.d/; then
-    echo "setup: adding bookworm-backports (for QEMU 10) as $backports" >&2
-    echo 'deb http://deb.debian.org/debian bookworm-backports main' | $sudo tee "$backports" >/dev/null
-    new_source=1
-fi
 # apt-get download (used by `vhpc image kernel`) needs current package lists.
-if [ ${#missing[@]} -gt 0 ] || [ $new_source = 1 ] || ! qemu_wanted \
-    || ! apt-cache depends linux-image-cloud-amd64 >/dev/null 2>&1; then
+if [ ${#missing[@]} -gt 0 ] || ! apt-cache depends linux-image-cloud-amd64 >/dev/null 2>&1; then
     echo "setup: apt-get update" >&2
     $sudo apt-get update -qq
 fi
@@ -44,17 +22,6 @@ if [ ${#missing[@]} -gt 0 ]; then
     echo "setup: installing ${missing[*]}" >&2
     DEBIAN_FRONTEND=noninteractive $sudo apt-get install -y -qq "${missing[@]}" >/dev/null
 fi
-if ! qemu_wanted; then
-    target=()
-    [ $bookworm = 1 ] && target=(-t bookworm-backports)
-    echo "setup: installing qemu-system-x86 ${target[*]}" >&2
-    DEBIAN_FRONTEND=noninteractive $sudo apt-get install -y -qq --no-install-recommends \
-        "${target[@]}" qemu-system-x86 >/dev/null
-fi
-qemu_wanted || {
-    echo "setup: error: qemu-system-x86 10 from bookworm-backports is not installed; try: sudo apt-get install -t bookworm-backports qemu-system-x86" >&2
-    exit 1
-}
 
 echo "setup: building vhpc (release, static)" >&2
 cargo build --release --locked -p vhpc

@@ -8,7 +8,11 @@
 # be looked up in /proc/kallsyms of any guest of the same kernel.
 # Usage, from the repository:
 #   target/vhpc lab run --smp 2 --timeout 2800 -- "$(cat scripts/diag/two-vm-trace.sh)"
+# To hunt for a stall past the guests' deaths, which are more frequent: prefix the script with
+# `until=stall;` (a dead guest's trace is dumped, the VM started again, and the transfers go
+# on, up to 16 of them).
 T=/sys/kernel/tracing
+until=${until:-death}
 mount -t tracefs nodev $T 2>/dev/null
 echo 16384 > $T/buffer_size_kb
 for e in kvm_exit kvm_inj_exception kvm_msi_set_irq kvm_apic_accept_irq kvm_inj_virq \
@@ -18,21 +22,23 @@ done
 echo 1 > $T/tracing_on
 brctl addbr br0 && ip link set br0 up
 t() { cut -d' ' -f1 /proc/uptime; }
-vhpc vm start a --memory 384 --net bridge=br0 --append nokaslr || exit 1
-vhpc vm start b --memory 384 --net bridge=br0 --append nokaslr || exit 1
-# The vCPU thread ids: trace lines are tagged comm-tid.
-for v in a b; do
-  p=$(cat /run/vhpc/$v/pid)
-  for tsk in /proc/$p/task/*; do
-    [ "$(cat $tsk/comm)" = vcpu0 ] && eval tid_$v=${tsk##*/}
+# Starts VM $1 (a or b, with address 10.0.0.1 or .2) and notes its vCPU thread id: trace
+# lines are tagged comm-tid.
+start() {
+  vhpc vm start $1 --memory 384 --net bridge=br0 --append nokaslr || exit 1
+  for tsk in /proc/$(cat /run/vhpc/$1/pid)/task/*; do
+    [ "$(cat $tsk/comm)" = vcpu0 ] && eval tid_$1=${tsk##*/}
   done
-done
-echo "vcpu0 thread ids: a=$tid_a b=$tid_b"
-vhpc exec a -- sh -c 'ip addr add 10.0.0.1/24 dev eth0 && ip link set eth0 up'
-vhpc exec b -- sh -c 'ip addr add 10.0.0.2/24 dev eth0 && ip link set eth0 up'
+  ip=10.0.0.1; [ $1 = b ] && ip=10.0.0.2
+  vhpc exec $1 -- sh -c "ip addr add $ip/24 dev eth0 && ip link set eth0 up"
+  if [ $1 = a ]; then
+    vhpc exec a -- sh -c 'dd if=/dev/urandom of=/tmp/data bs=64k count=1600 2>/dev/null'
+    vhpc exec a -- sh -c 'sha256sum < /tmp/data' | sed 's/ .*//; s/^/sum_a=/'
+  fi
+  eval echo "VM $1 runs, vcpu0 thread id \$tid_$1"
+}
+start a; start b
 vhpc exec a -- ping -c 3 -W 5 10.0.0.2 | tail -1
-vhpc exec a -- sh -c 'dd if=/dev/urandom of=/tmp/data bs=64k count=1600 2>/dev/null'
-vhpc exec a -- sh -c 'sha256sum < /tmp/data' | sed 's/ .*//; s/^/sum_a=/'
 dead() { vhpc vm list | grep -q ' dead '; }
 dump() {
   echo 0 > $T/tracing_on
@@ -44,14 +50,23 @@ dump() {
     echo "== console $v"; tail -20 /run/vhpc/$v/console.log
   done
 }
-for n in 1 2 3 4 5 6 7 8; do
+for n in 1 2 3 4 5 6 7 8 9 10 11 12 13 14 15 16; do
+  [ $until = death ] && [ $n -gt 8 ] && break
   vhpc exec b -- sh -c 'rm -f /tmp/sum; (sleep 3600 | nc -l -p 5000 | sha256sum > /tmp/sum) > /dev/null 2>&1 &'
   sleep 1
   t0=$(t)
   vhpc exec a -- sh -c 'nc 10.0.0.2 5000 < /tmp/data' & send=$!
   w=0
   while kill -0 $send 2>/dev/null && [ $w -lt 120 ] && ! dead; do sleep 2; w=$((w+1)); done
-  if dead; then echo "a VM died in transfer $n at $(t)"; dump; kill $send 2>/dev/null; break; fi
+  if dead; then
+    echo "a VM died in transfer $n at $(t)"; dump; kill $send 2>/dev/null
+    [ $until = death ] && break
+    for v in a b; do
+      vhpc vm list | grep -q "^$v .* dead " && { vhpc vm stop $v >/dev/null 2>&1; start $v; }
+    done
+    echo 1 > $T/tracing_on
+    continue
+  fi
   if kill -0 $send 2>/dev/null; then
     echo "transfer $n stalled at $(t)"; dump; kill $send; break
   fi

@@ -15,6 +15,8 @@ T=/sys/kernel/tracing
 until=${until:-death}
 mount -t tracefs nodev $T 2>/dev/null
 echo 16384 > $T/buffer_size_kb
+# Lines are tagged comm-tid; a tid whose comm fell out of this cache shows as <...>-tid.
+echo 4096 > $T/saved_cmdlines_size
 for e in kvm_exit kvm_inj_exception kvm_msi_set_irq kvm_apic_accept_irq kvm_inj_virq \
     kvm_page_fault kvm_emulate_insn kvm_mmio kvm_pio kvm_userspace_exit; do
   echo 1 > $T/events/kvm/$e/enable || echo "no trace event $e"
@@ -45,7 +47,7 @@ dump() {
   vhpc vm list
   for v in a b; do
     tid=$(eval echo \$tid_$v)
-    echo "== KVM trace of $v (vcpu0-$tid)"; grep "vcpu0-$tid " $T/trace | tail -300
+    echo "== KVM trace of $v (vcpu0, thread $tid)"; grep -E -- "-$tid +\[[0-9]+\]" $T/trace | tail -300
     echo "== vmm.log $v"; tail -8 /run/vhpc/$v/vmm.log
     echo "== console $v"; tail -20 /run/vhpc/$v/console.log
   done

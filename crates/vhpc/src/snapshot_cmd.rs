@@ -132,6 +132,15 @@ fn describe(i: &Inspection) -> String {
             format!("{} v{}, {} bytes", comp.name, comp.version, comp.data.len()),
         );
     }
+    // Where each vCPU was: the first thing to look at in a checkpoint of a guest that hung.
+    match snapshot::components::decode(b) {
+        Ok(machine) => {
+            for (n, v) in machine.vcpus.iter().enumerate() {
+                line(&format!("vcpu{n}"), vcpu_summary(v));
+            }
+        }
+        Err(e) => line("vcpus", format!("cannot decode: {e}")),
+    }
     line(
         "disks",
         if b.disks.is_empty() {
@@ -145,6 +154,15 @@ fn describe(i: &Inspection) -> String {
         format!("{} checkpoint(s), every link checked", i.chain_len),
     );
     out
+}
+
+/// A vCPU's instruction and stack pointers and paging registers, on one line.
+fn vcpu_summary(v: &vhpc_vmm::VcpuState) -> String {
+    let (r, s) = (&v.regs, &v.sregs);
+    format!(
+        "rip={:#x} rsp={:#x} rflags={:#x} cs={:#x} cr0={:#x} cr2={:#x} cr3={:#x} cr4={:#x} efer={:#x}",
+        r.rip, r.rsp, r.rflags, s.cs.selector, s.cr0, s.cr2, s.cr3, s.cr4, s.efer
+    )
 }
 
 /// `vhpc restore DIR`: a new VM from the checkpoint, run until the guest ends.

@@ -98,6 +98,8 @@ fn restore_inspect_and_merge_through_the_cli() {
     for needle in [
         "VHPCSNAP version 2",
         "vcpu.0 v1",
+        "vcpu0       rip=0x",
+        " cr3=0x",
         "irqchip v1",
         "CRC-32 ok",
         "2 checkpoint(s)",

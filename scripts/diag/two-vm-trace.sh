@@ -52,6 +52,17 @@ dump() {
     echo "== console $v"; tail -20 /run/vhpc/$v/console.log
   done
 }
+# After a stall: checkpoint VM $1 and print where its vCPU was and the last 16 entries of the
+# top-level page table its CR3 names (the kernel's half; the trace of a stall showed one of
+# them pointing outside guest memory).
+postmortem() {
+  vhpc snapshot $1 /root/pm-$1 > /dev/null || { echo "checkpoint of $1 failed"; return; }
+  vhpc snapshot inspect /root/pm-$1 | grep '^vcpu'
+  cr3=$(vhpc snapshot inspect /root/pm-$1 | sed -n 's/.* cr3=\(0x[0-9a-f]*\).*/\1/p')
+  page=$(( (cr3 & ~0xfff) / 4096 ))
+  echo "== $1: top-level page table at guest page $page, entries 496-511:"
+  dd if=/root/pm-$1/memory.raw bs=4096 skip=$page count=1 2>/dev/null | od -A d -t x8 -v | tail -9
+}
 for n in 1 2 3 4 5 6 7 8 9 10 11 12 13 14 15 16; do
   [ $until = death ] && [ $n -gt 8 ] && break
   vhpc exec b -- sh -c 'rm -f /tmp/sum; (sleep 3600 | nc -l -p 5000 | sha256sum > /tmp/sum) > /dev/null 2>&1 &'
@@ -70,7 +81,7 @@ for n in 1 2 3 4 5 6 7 8 9 10 11 12 13 14 15 16; do
     continue
   fi
   if kill -0 $send 2>/dev/null; then
-    echo "transfer $n stalled at $(t)"; dump; kill $send; break
+    echo "transfer $n stalled at $(t)"; dump; postmortem a; postmortem b; kill $send; break
   fi
   wait $send; echo "transfer $n send=$?"
   i=0

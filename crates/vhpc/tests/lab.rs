@@ -67,7 +67,13 @@ fn lab_with_args(smp: u32, secs: u32, extra: &[&str], script: &str) -> Run {
 /// test too.
 fn announce(line: &str) {
     use std::io::Write;
-    let _ = writeln!(std::io::stderr(), "{line}");
+    // The harness names each test's thread after the test: say whose run this is, as tests
+    // run side by side.
+    let test = std::thread::current()
+        .name()
+        .unwrap_or("a lab test")
+        .to_owned();
+    let _ = writeln!(std::io::stderr(), "{line} [{test}]");
 }
 
 /// How many times a script runs when the emulated host or a nested guest keeps dying.

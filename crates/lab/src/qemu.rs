@@ -50,15 +50,6 @@ pub struct LabRun {
 
 /// Host 1 writes [`HEARTBEAT`] to its console this often while its command runs.
 pub const HEARTBEAT_SECS: u64 = 20;
-/// Run first in every emulated host: no transparent hugepages. With them (the Debian kernel's
-/// default is `always`), khugepaged and compaction move the pages behind the nested guests'
-/// memory, and the emulated nested SVM then corrupted guests: page tables pointing outside
-/// guest memory, guests that triple-faulted or livelocked in KVM in nearly every run of
-/// repeated two-VM transfers on 2026-11-26 (QEMU's own guests died there too). With `never`,
-/// six transfers in a row were clean (README, "The lab").
-const HOST_SETUP: &str = "echo never > /sys/kernel/mm/transparent_hugepage/enabled 2>/dev/null; \
-     echo never > /sys/kernel/mm/transparent_hugepage/defrag 2>/dev/null\n";
-
 /// The heartbeat line (left out of [`LabRun::console_tail`]).
 const HEARTBEAT: &str = "vhpc-lab-heartbeat";
 /// A host whose console stays silent this long, heartbeat included, is taken as hung (QEMU's
@@ -144,7 +135,7 @@ impl LabHost {
         };
         let heartbeat =
             format!("while :; do sleep {HEARTBEAT_SECS}; echo {HEARTBEAT} > /dev/console; done");
-        let script = format!("{HOST_SETUP}{}\n{command}", detached(&heartbeat));
+        let script = format!("{}\n{command}", detached(&heartbeat));
         let initrd = work.0.join("host.cpio");
         build_host_initramfs(
             cache,
@@ -193,7 +184,7 @@ impl LabHost {
         let mut others = Others(Vec::new());
         for k in 2..=self.hosts {
             let script = format!(
-                "{HOST_SETUP}{}exec vhpc lab serve --port {COMMAND_PORT}",
+                "{}exec vhpc lab serve --port {COMMAND_PORT}",
                 network.setup_script(k)
             );
             let initrd = work.join(format!("host{k}.cpio"));

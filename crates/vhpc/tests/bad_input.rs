@@ -48,6 +48,11 @@ fn at_once(cmd: &mut Command) -> (i32, String) {
 
 fn assert_one_line_error(args: &[&str], expected: &str) {
     let (status, stderr) = vhpc_run(args);
+    check_one_line_error(status, &stderr, expected);
+}
+
+/// vhpc's exit status for an error, and one `vhpc: error:` line that contains `expected`.
+fn check_one_line_error(status: i32, stderr: &str, expected: &str) {
     assert_eq!(status, VHPC_ERROR, "{stderr}");
     assert_eq!(stderr.trim_end().lines().count(), 1, "one line: {stderr}");
     assert!(stderr.starts_with("vhpc: error: "), "{stderr}");
@@ -319,23 +324,21 @@ fn vm_start_refuses_bad_input_before_starting_anything() {
     let runtime = tempfile::tempdir().expect("temp dir");
     let kernel = temp_file(b"x");
     let k = kernel.path().to_str().expect("utf-8 path");
-    let start = |extra: &[&str]| {
+    let refused = |extra: &[&str], expected: &str| {
         let (status, stderr) = at_once(
             Command::new(env!("CARGO_BIN_EXE_vhpc"))
                 .args(["vm", "start", "bad", "--kernel", k, "--initrd", "/dev/null"])
                 .args(extra)
                 .env("VHPC_RUNTIME_DIR", runtime.path()),
         );
-        assert_eq!(status, VHPC_ERROR, "{stderr}");
-        assert_eq!(stderr.trim_end().lines().count(), 1, "one line: {stderr}");
+        check_one_line_error(status, &stderr, expected);
         assert!(
             !runtime.path().join("bad").exists(),
             "no state directory is left behind"
         );
-        stderr
     };
-    assert!(start(&["--vcpus", "0"]).contains("at least 1 vCPU"));
-    assert!(start(&["--memory", "100000000"]).contains("this host has only"));
-    assert!(start(&["--append", "a\nb"]).contains("control characters"));
-    assert!(start(&["--append", "loglevel=7 -- x"]).contains("guest's init"));
+    refused(&["--vcpus", "0"], "at least 1 vCPU");
+    refused(&["--memory", "100000000"], "this host has only");
+    refused(&["--append", "a\nb"], "control characters");
+    refused(&["--append", "loglevel=7 -- x"], "guest's init");
 }
